@@ -1,0 +1,295 @@
+"""Tests of scmedal.metrics: agreement with direct scikit-learn computations, known answers, bad input."""
+import copy
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+from sklearn.dummy import DummyClassifier
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, calinski_harabasz_score, davies_bouldin_score,
+                             silhouette_samples, silhouette_score)
+from sklearn.preprocessing import StandardScaler
+
+from scmedal import metrics
+from scmedal.datasets import onek1k_subset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_adata(n_per=40, seed=0):
+    "2 batches × 3 cell types; `X_mixed` has batches on top of each other, `X_separated` shifts batch b1 far away."
+    rng = np.random.default_rng(seed)
+    batch = np.repeat(["b0", "b1"], 3 * n_per)
+    cell_type = np.tile(np.repeat(["t0", "t1", "t2"], n_per), 2)
+    centre = 10.0 * np.eye(8)[np.unique(cell_type, return_inverse=True)[1]]
+    shift = 20.0 * np.eye(8)[-1] * (batch == "b1")[:, None]
+    obs = pd.DataFrame(dict(batch=batch, cell_type=cell_type, condition=np.where(batch == "b0", "healthy", "disease")),
+                       index=[f"c{i}" for i in range(len(batch))]).astype("category")
+    noise = lambda: rng.normal(size=(len(batch), 8))
+    return ad.AnnData(obs=obs, obsm=dict(X_mixed=centre + noise(), X_separated=centre + shift + noise(),
+                                         X_noise=noise(), X_batch=shift + noise()))
+
+
+@pytest.fixture
+def adata():
+    return make_adata()
+
+
+# --- clustering scores (spec §6.1) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_sample", [None, 100])
+def test_clustering_scores_equal_sklearn_on_the_same_cells(adata, n_sample):
+    scores = metrics.clustering_scores(adata, use_rep="X_separated", n_sample=n_sample, seed=7).set_index(["label", "metric"]).value
+    idx = metrics.subsample_indices(adata.n_obs, n_sample=n_sample, seed=7)
+    Z = adata.obsm["X_separated"][idx]
+    for label, key in [("batch", "batch"), ("celltype", "cell_type")]:
+        y = adata.obs[key].to_numpy()[idx]
+        assert scores[label, "ASW"] == pytest.approx(silhouette_score(Z, y), abs=1e-12)
+        assert scores[label, "1/DB"] == pytest.approx(1 / davies_bouldin_score(Z, y), abs=1e-12)
+        assert scores[label, "CH"] == pytest.approx(calinski_harabasz_score(Z, y), rel=1e-12)
+
+
+def test_several_embeddings_share_one_subsample(adata):
+    both = metrics.clustering_scores(adata, use_rep=["X_mixed", "X_separated"], n_sample=100, seed=1)
+    alone = metrics.clustering_scores(adata, use_rep="X_separated", n_sample=100, seed=1)
+    pd.testing.assert_frame_equal(both.query("embedding == 'X_separated'").reset_index(drop=True), alone)
+    assert set(both.columns) == {"embedding", "label", "label_key", "metric", "value", "n_cells"}
+    assert (both.n_cells == 100).all()
+
+
+def test_batch_asw_higher_when_batches_separate(adata):
+    asw = metrics.clustering_scores(adata, use_rep=["X_mixed", "X_separated"]).query("metric == 'ASW'")
+    asw = asw.set_index(["embedding", "label"]).value
+    assert asw["X_separated", "batch"] > 0.3 > asw["X_mixed", "batch"]
+
+
+def test_subsample_indices_are_seeded_and_without_replacement():
+    a = metrics.subsample_indices(10_500, seed=3)
+    assert len(a) == 10_000 == len(np.unique(a))
+    np.testing.assert_array_equal(a, metrics.subsample_indices(10_500, seed=3))
+    assert not np.array_equal(a, metrics.subsample_indices(10_500, seed=4))
+
+
+def test_paper_table_layout(adata):
+    table = metrics.paper_table(metrics.clustering_scores(adata, use_rep=["X_separated", "X_mixed"]))
+    assert list(table.index) == ["X_separated", "X_mixed"]
+    assert list(table.columns) == ["batch 1/DB", "batch CH", "batch ASW", "celltype 1/DB", "celltype CH", "celltype ASW"]
+
+
+# --- fold aggregation ----------------------------------------------------------------------------------------
+
+def test_aggregate_folds_by_hand():
+    values = [0.62, 0.70, 0.71, 0.66, 0.75]
+    folds = [pd.DataFrame(dict(embedding=["RE"], metric=["ASW"], value=[v], n_cells=[100 + k])) for k, v in enumerate(values)]
+    row = metrics.aggregate_folds(folds).iloc[0]
+    mean, sd = sum(values) / 5, np.sqrt(sum((v - sum(values) / 5) ** 2 for v in values) / 4)
+    half = 2.7764451051977987 * sd / np.sqrt(5)
+    assert (row.embedding, row.metric, row.n) == ("RE", "ASW", 5)
+    assert row["mean"] == pytest.approx(mean) and row.sd == pytest.approx(sd) and row["sem"] == pytest.approx(sd / np.sqrt(5))
+    assert (row.ci_low, row.ci_high) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    stacked = pd.concat([f.assign(fold=k) for k, f in enumerate(folds)])
+    pd.testing.assert_frame_equal(metrics.aggregate_folds(stacked), metrics.aggregate_folds(folds))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3), min_size=2, max_size=10))
+def test_mean_ci_matches_scipy_interval(values):
+    s = metrics.mean_ci(values)
+    assert s["ci_low"] <= s["mean"] <= s["ci_high"]
+    if s["sd"] > 0:
+        low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+        assert (s["ci_low"], s["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+
+
+def test_format_ci():
+    assert metrics.format_ci(0.6912, 0.671, 0.7149) == "0.69 [0.67,0.71]"
+    assert metrics.format_ci(-0.024, -0.031, -0.018) == "-0.02 [-0.03,-0.02]"
+    assert metrics.format_ci(0.5, np.nan, np.nan) == "0.50"
+
+
+# --- MEC (spec §3.8) -----------------------------------------------------------------------------------------
+
+def test_mec_equals_direct_sklearn(adata):
+    train, test = np.arange(0, 240, 2), np.arange(1, 240, 2)
+    got = metrics.mec_score(adata, target_key="condition", use_rep=[("X_noise", "X_batch")],
+                            train_indices=train, test_indices=test).set_index(["features", "metric"]).value
+    X, y = np.hstack([adata.obsm["X_noise"], adata.obsm["X_batch"]]), adata.obs.condition.astype(str).to_numpy()
+    scaler = StandardScaler().fit(X[train])
+    pred = RandomForestClassifier(n_estimators=100, random_state=42).fit(scaler.transform(X[train]), y[train]).predict(scaler.transform(X[test]))
+    chance = DummyClassifier(strategy="stratified", random_state=42).fit(X[train], y[train]).predict(X[test])
+    assert got["X_noise+X_batch", "accuracy"] == accuracy_score(y[test], pred)
+    assert got["X_noise+X_batch", "balanced_accuracy"] == balanced_accuracy_score(y[test], pred)
+    assert got["chance", "accuracy"] == accuracy_score(y[test], chance)
+
+
+def test_mec_re_features_carry_the_target(adata):
+    acc = metrics.mec_score(adata, target_key="condition", use_rep=("X_noise", ("X_noise", "X_batch")), n_jobs=2)
+    acc = acc.query("metric == 'balanced_accuracy'").set_index("features").value
+    assert acc["X_noise+X_batch"] > 0.95 and acc["X_noise"] < 0.8
+
+
+def test_mec_default_split_is_stratified_and_seeded(adata):
+    a = metrics.mec_score(adata, target_key="condition", use_rep="X_noise", n_estimators=10)
+    b = metrics.mec_score(adata, target_key="condition", use_rep="X_noise", n_estimators=10)
+    pd.testing.assert_frame_equal(a, b)
+    assert (a.n_train.iloc[0], a.n_test.iloc[0]) == (192, 48)
+
+
+def test_mec_accepts_boolean_masks(adata):
+    mask = np.arange(adata.n_obs) % 3 == 0
+    by_mask = metrics.mec_score(adata, target_key="condition", use_rep="X_batch", n_estimators=10, train_indices=~mask, test_indices=mask)
+    by_pos = metrics.mec_score(adata, target_key="condition", use_rep="X_batch", n_estimators=10,
+                               train_indices=np.flatnonzero(~mask), test_indices=np.flatnonzero(mask))
+    pd.testing.assert_frame_equal(by_mask, by_pos)
+
+
+def test_mec_needs_both_indices(adata):
+    with pytest.raises(ValueError, match="test_indices"):
+        metrics.mec_score(adata, target_key="condition", use_rep="X_noise", train_indices=np.arange(10))
+
+
+# --- scib-style integration scores ---------------------------------------------------------------------------
+
+def test_batch_asw_is_the_scib_definition(adata):
+    Z, b, y = adata.obsm["X_separated"], adata.obs.batch.to_numpy(), adata.obs.cell_type.to_numpy()
+    by_hand = np.mean([np.mean(1 - np.abs(silhouette_samples(Z[y == t], b[y == t]))) for t in ["t0", "t1", "t2"]])
+    assert metrics.batch_asw(adata, use_rep="X_separated") == pytest.approx(by_hand, abs=1e-12)
+    assert metrics.batch_asw(adata, use_rep="X_mixed") > 0.9
+
+
+def test_ilisi_mixed_about_two_separated_one():
+    adata = make_adata(n_per=100)
+    assert metrics.ilisi(adata, use_rep="X_mixed", scale=False) == pytest.approx(2.0, abs=0.1)
+    assert metrics.ilisi(adata, use_rep="X_separated", scale=False) == pytest.approx(1.0, abs=1e-9)
+    assert metrics.ilisi(adata, use_rep="X_separated") == pytest.approx(0.0, abs=1e-9)
+    assert metrics.clisi(adata, use_rep="X_mixed") == pytest.approx(1.0, abs=1e-9)
+
+
+def test_perplexity_weights_reach_the_target_entropy():
+    dist = np.sort(np.random.default_rng(0).gamma(2.0, 1.0, (50, 90)), axis=1)
+    p = metrics._perplexity_weights(dist, 30)
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    np.testing.assert_allclose(-(p * np.log(p)).sum(1), np.log(30), atol=1e-4)
+
+
+def harmony_simpson(dist, idx, codes, n_groups, perplexity, tol=1e-5):
+    "Per-cell loop transcribed from Harmony's `compute_simpson` (Korsunsky et al. 2019), as the reference."
+    simpson = np.zeros(len(dist))
+    for i, d in enumerate(dist):
+        beta, lo, hi = 1.0, -np.inf, np.inf
+        for _ in range(51):
+            P = np.exp(-d * beta)
+            H = np.log(P.sum()) + beta * np.sum(d * P) / P.sum()
+            P = P / P.sum()
+            if abs(H - np.log(perplexity)) < tol: break
+            if H > np.log(perplexity): lo, beta = beta, beta * 2 if np.isinf(hi) else (beta + hi) / 2
+            else: hi, beta = beta, beta / 2 if np.isinf(lo) else (beta + lo) / 2
+        simpson[i] = sum(P[codes[idx[i]] == c].sum() ** 2 for c in range(n_groups))
+    return simpson
+
+
+def test_lisi_equals_harmony_reference():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 3, 400)
+    X = rng.normal(size=(400, 5)) + (codes == 0)[:, None]
+    dist, idx = metrics._knn(X, 90)
+    np.testing.assert_allclose(metrics._lisi(dist, idx, codes, 30), 1 / harmony_simpson(dist, idx, codes, 3, 30), rtol=1e-10)
+
+
+def test_lisi_needs_enough_cells(adata):
+    with pytest.raises(ValueError, match="perplexity"):
+        metrics.lisi(adata[:50], use_rep="X_mixed", key="cell_type", perplexity=30)
+
+
+def test_graph_connectivity_known_values():
+    rng = np.random.default_rng(0)
+    blob = lambda n, centre: centre + rng.normal(size=(n, 2))
+    Z = np.vstack([blob(100, 0.0), blob(50, 100.0), blob(80, -100.0)])  # label A = two far blobs (100 + 50), label B = one
+    obs = pd.DataFrame(dict(cell_type=["A"] * 150 + ["B"] * 80), index=[f"c{i}" for i in range(230)])
+    adata = ad.AnnData(obs=obs, obsm=dict(X_emb=Z))
+    assert metrics.graph_connectivity(adata, use_rep="X_emb") == pytest.approx((100 / 150 + 1) / 2)
+    assert metrics.graph_connectivity(make_adata(), use_rep="X_mixed") == 1.0
+
+
+def test_kmeans_nmi_ari_identical_partitions(adata):
+    got = metrics.kmeans_nmi_ari(adata, use_rep="X_mixed")
+    assert got["nmi"] == pytest.approx(1.0) and got["ari"] == pytest.approx(1.0)
+    assert metrics.kmeans_nmi_ari(adata, use_rep="X_noise")["ari"] < 0.1
+
+
+def test_integration_scores_agree_with_single_functions(adata):
+    table = metrics.integration_scores(adata, use_rep=["X_mixed", "X_separated"])
+    assert set(table.columns) == {"embedding", "category", "metric", "value", "n_cells"}
+    one = table.set_index(["embedding", "metric"]).value
+    assert one["X_separated", "batch_asw"] == pytest.approx(metrics.batch_asw(adata, use_rep="X_separated"))
+    assert one["X_mixed", "ilisi"] == pytest.approx(metrics.ilisi(adata, use_rep="X_mixed"))
+    assert one["X_mixed", "clisi"] == pytest.approx(metrics.clisi(adata, use_rep="X_mixed"))
+    assert one["X_separated", "graph_connectivity"] == pytest.approx(0.5)
+    assert one["X_mixed", "celltype_asw"] == pytest.approx((silhouette_score(adata.obsm["X_mixed"], adata.obs.cell_type) + 1) / 2)
+
+
+# --- bad input and side effects ------------------------------------------------------------------------------
+
+CALLS = {
+    "clustering_scores": lambda a, **kw: metrics.clustering_scores(a, **{"use_rep": "X_mixed", **kw}),
+    "integration_scores": lambda a, **kw: metrics.integration_scores(a, **{"use_rep": "X_mixed", **kw}),
+    "batch_asw": lambda a, **kw: metrics.batch_asw(a, **{"use_rep": "X_mixed", **kw}),
+    "mec_score": lambda a, **kw: metrics.mec_score(a, **{"use_rep": "X_mixed", "target_key": kw.pop("batch_key", "condition"), **kw}),
+}
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_missing_use_rep_names_the_key(adata, name):
+    with pytest.raises(KeyError, match="X_scvi"):
+        CALLS[name](adata, use_rep="X_scvi")
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_missing_obs_column_names_the_key(adata, name):
+    with pytest.raises(KeyError, match="donor_id"):
+        CALLS[name](adata, batch_key="donor_id")
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_single_label_is_refused(adata, name):
+    adata.obs["one"] = "x"
+    with pytest.raises(ValueError, match="'one'.*single value"):
+        CALLS[name](adata, batch_key="one")
+
+
+def test_missing_labels_are_refused(adata):
+    adata.obs["batch"] = adata.obs.batch.astype(object)
+    adata.obs.iloc[0, adata.obs.columns.get_loc("batch")] = np.nan
+    with pytest.raises(ValueError, match="batch"):
+        metrics.clustering_scores(adata, use_rep="X_mixed")
+
+
+def test_inputs_are_not_modified(adata):
+    before = copy.deepcopy(adata)
+    metrics.clustering_scores(adata, use_rep=["X_mixed", "X_separated"], n_sample=100)
+    metrics.integration_scores(adata, use_rep="X_mixed")
+    metrics.mec_score(adata, target_key="condition", use_rep=("X_noise", ("X_noise", "X_batch")), n_estimators=10)
+    pd.testing.assert_frame_equal(adata.obs, before.obs)
+    assert adata.obsm.keys() == before.obsm.keys() and not adata.uns and not adata.obsp
+    for key in before.obsm: np.testing.assert_array_equal(adata.obsm[key], before.obsm[key])
+
+
+# --- real data (skipped when the shared files are absent) ----------------------------------------------------
+
+def test_onek1k_cell_types_cluster_more_than_donors():
+    folder = Path(os.environ.get("SCMEDAL_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not (folder / "onek1k_yazar2022_subset.h5ad").is_file(): pytest.skip(f"OneK1K subset not found in {folder}")
+    adata = onek1k_subset(data_dir=folder, verify=False)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.pp.pca(adata, n_comps=30, random_state=0)
+    asw = metrics.clustering_scores(adata, use_rep="X_pca", batch_key="donor", n_sample=3000).query("metric == 'ASW'")
+    asw = asw.set_index("label").value
+    assert asw["celltype"] > 0.1 > asw["batch"]
