@@ -6,7 +6,7 @@
 __all__ = ['simulate', 'simulated_log_expression', 'check_matrix', 'preprocess', 'fit_scaling', 'apply_scaling', 'encode',
            'setup_anndata', 'kfold_splits', 'AnnDataRows', 'SCMEDALDataModule']
 
-# %% ../nbs/00_data.ipynb #0195ed81
+# %% ../nbs/00_data.ipynb #0144fc78
 import warnings
 
 import anndata as ad
@@ -18,7 +18,7 @@ import torch
 from scipy import sparse
 from sklearn.model_selection import StratifiedKFold
 
-# %% ../nbs/00_data.ipynb #e23056f6
+# %% ../nbs/00_data.ipynb #00359a30
 def _draw_effects(rng, n_genes, n_groups, prob, scale):
     "Sparse log-fold effects: each gene is affected with probability `prob`, effect ~ N(0, scale²)."
     hit = rng.random((n_groups, n_genes)) < prob
@@ -29,14 +29,14 @@ def _negative_binomial(rng, mean, dispersion):
     rate = rng.gamma(shape=1.0 / dispersion, scale=mean * dispersion)
     return rng.poisson(rate)
 
-# %% ../nbs/00_data.ipynb #6bfc3bfa
+# %% ../nbs/00_data.ipynb #14bc49d9
 def simulate(
     n_cells: int = 3000,  # number of cells
     n_genes: int = 1000,  # number of genes
     n_batches: int = 8,  # number of batches (donors); the random-effect grouping
     n_cell_types: int = 5,  # number of cell types
     *,
-    batch_effect_scale: float = 0.5,  # sd of the per-batch, per-gene log effect u_bg
+    batch_effect_scale: float = 0.2,  # sd of the per-batch, per-gene log effect u_bg
     de_prob: float = 0.1,  # fraction of genes differentially expressed per cell type
     de_scale: float = 1.0,  # sd of the cell-type log fold changes
     condition_de_prob: float = 0.02,  # fraction of genes changed by the disease condition
@@ -65,7 +65,7 @@ def simulate(
     return _simulated_anndata(counts, batch, cell_type, condition, base, cell_type_effect, condition_effect,
                               batch_effect, dict(seed=seed, dispersion=dispersion, batch_effect_scale=batch_effect_scale))
 
-# %% ../nbs/00_data.ipynb #ea4f5809
+# %% ../nbs/00_data.ipynb #7c95b22d
 def _simulated_anndata(counts, batch, cell_type, condition, base, cell_type_effect, condition_effect, batch_effect, params):
     "Wrap simulated counts and their ground truth in an AnnData."
     n_batches, n_types = len(batch_effect), len(cell_type_effect)
@@ -84,7 +84,7 @@ def _simulated_anndata(counts, batch, cell_type, condition, base, cell_type_effe
     adata.uns["simulation"] = dict(params, batch_categories=batches, cell_type_categories=types)
     return adata
 
-# %% ../nbs/00_data.ipynb #f85d36b1
+# %% ../nbs/00_data.ipynb #08642c33
 def simulated_log_expression(
     adata: ad.AnnData,  # AnnData from `simulate` (optionally preprocessed: genes are read from `var`)
     *,
@@ -104,7 +104,7 @@ def simulated_log_expression(
     p = np.exp(log_p - log_p.max(1, keepdims=True))
     return np.log1p(target_sum * p / p.sum(1, keepdims=True))
 
-# %% ../nbs/00_data.ipynb #8496a7c8
+# %% ../nbs/00_data.ipynb #4eac17b8
 def check_matrix(
     X,  # cells × genes matrix (dense or sparse)
     *,
@@ -119,7 +119,7 @@ def check_matrix(
     if counts and not np.all(values == np.round(values)):
         raise ValueError(f"{name} holds non-integer values, so it is not raw counts; pass normalized=True if it is already log-normalised")
 
-# %% ../nbs/00_data.ipynb #87cb7fc9
+# %% ../nbs/00_data.ipynb #6c0d00a1
 def preprocess(
     adata: ad.AnnData,  # raw counts in X (or in `layer`)
     *,
@@ -147,7 +147,7 @@ def preprocess(
                                         target_sum=target_sum, normalized=normalized)
     return None if inplace else out
 
-# %% ../nbs/00_data.ipynb #1d873782
+# %% ../nbs/00_data.ipynb #bfaba1e8
 def _as_float_csr(X):
     "A float32 CSR copy of `X` (scipy `csr_matrix`: scanpy's neighbours still need the matrix API)."
     return sparse.csr_matrix(X, dtype=np.float32, copy=True)
@@ -160,7 +160,7 @@ def _select_hvgs(adata, n_top_genes):
         return
     sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, subset=True)
 
-# %% ../nbs/00_data.ipynb #07fe4e0a
+# %% ../nbs/00_data.ipynb #4b0a1bfb
 def fit_scaling(
     X,  # cells × genes log-expression (dense or sparse)
     *,
@@ -188,7 +188,7 @@ def apply_scaling(
     span = scaling["max"] - scaling["min"]
     return ((x - scaling["min"]) / np.where(span > 0, span, 1.0)).astype(np.float32)
 
-# %% ../nbs/00_data.ipynb #843ce45c
+# %% ../nbs/00_data.ipynb #c403ccb1
 def _categories(adata, key, *, allow_nan=False):
     "Observed categories of `adata.obs[key]` in a stable order, with clear errors for missing keys and NaN."
     if key not in adata.obs: raise KeyError(f"'{key}' is not a column of adata.obs; available: {list(adata.obs.columns)}")
@@ -208,7 +208,7 @@ def encode(
     "Encode an obs column with a fixed category order."
     return pd.Categorical(adata.obs[key].astype(str).where(adata.obs[key].notna()), categories=categories).codes.astype(np.int64)
 
-# %% ../nbs/00_data.ipynb #acbf7284
+# %% ../nbs/00_data.ipynb #cb0f2bea
 def setup_anndata(
     adata: ad.AnnData,  # cells × genes, log-normalised (see `preprocess`)
     *,
@@ -230,7 +230,7 @@ def setup_anndata(
     adata.uns["scmedal"] = registry
     return registry
 
-# %% ../nbs/00_data.ipynb #5490a37d
+# %% ../nbs/00_data.ipynb #a4b7152c
 def kfold_splits(
     adata: ad.AnnData,  # AnnData with the stratification columns in obs
     *,
@@ -253,7 +253,7 @@ def kfold_splits(
     return [dict(train=np.sort(np.concatenate([folds[j] for j in range(n_splits) if j not in (k, (k + 1) % n_splits)])),
                  val=folds[(k + 1) % n_splits], test=folds[k]) for k in range(n_splits)]
 
-# %% ../nbs/00_data.ipynb #7b500234
+# %% ../nbs/00_data.ipynb #93f871bf
 class AnnDataRows(torch.utils.data.Dataset):
     "Rows of an AnnData as `{x, batch_index, label}` dicts, read a minibatch at a time."
     def __init__(self,
@@ -286,7 +286,7 @@ def _registry(adata):
 
 def _identity(batch): return batch
 
-# %% ../nbs/00_data.ipynb #c837dd77
+# %% ../nbs/00_data.ipynb #d503aedc
 class SCMEDALDataModule(L.LightningDataModule):
     "Train/val/test/predict loaders over a registered AnnData; scaling fitted on the training cells."
     def __init__(self,
