@@ -8,9 +8,11 @@ ratio, plus the peak RSS of the process.
     python benchmarks/train_speed.py [--epochs 3] [--batch-size 512] [--threads N]
 """
 import argparse
+import logging
 import os
 import resource
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -78,6 +80,8 @@ def report(name, adata, epochs, batch_size, ceiling):
 
 
 def main():
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*treespec.*")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=512)
