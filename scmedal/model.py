@@ -6,7 +6,7 @@
 __all__ = ['KINDS', 'build_module', 'training_plan', 'History', 'SCMEDAL', 'get_latent_representation', 'get_reconstruction',
            'posterior_sampling', 'get_counterfactual', 'get_random_effects', 'save', 'load', 'train_kfold']
 
-# %% ../nbs/03_mixed_model.ipynb #6211316d
+# %% ../nbs/03_mixed_model.ipynb #786ecb1b
 import contextlib
 import copy
 import os
@@ -24,7 +24,7 @@ from . import data
 from .fixed_effects import AdversarialTrainingPlan, FixedEffectsModule, TrainingPlan
 from .random_effects import RandomEffectsModule
 
-# %% ../nbs/03_mixed_model.ipynb #1f0df646
+# %% ../nbs/03_mixed_model.ipynb #5d67d90d
 KINDS = ("ae", "aec", "fe", "fec", "re")
 
 def build_module(
@@ -49,19 +49,21 @@ def training_plan(
     "The Lightning plan that optimises a module: two optimisers for FE/FEC, one otherwise."
     return (AdversarialTrainingPlan if kind in ("fe", "fec") else TrainingPlan)(module, **kwargs)
 
-# %% ../nbs/03_mixed_model.ipynb #e99d5de6
+# %% ../nbs/03_mixed_model.ipynb #6f7c374d
 class History(L.Callback):
     "Collect the epoch-level logged metrics of a fit into a DataFrame (one row per epoch)."
-    def __init__(self): self.rows = []
+    def __init__(self,
+                 first_epoch: int = 0):  # number of the fit's first epoch (epochs already trained, when resuming)
+        self.rows, self.first_epoch = [], first_epoch
 
     def on_train_epoch_end(self, trainer, pl_module):
         row = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        self.rows.append(dict(epoch=trainer.current_epoch, **row))
+        self.rows.append(dict(epoch=self.first_epoch + trainer.current_epoch, **row))
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows).set_index("epoch") if self.rows else pd.DataFrame()
 
-# %% ../nbs/03_mixed_model.ipynb #720b4073
+# %% ../nbs/03_mixed_model.ipynb #681654d1
 class SCMEDAL:
     "scMEDAL: a batch-invariant fixed-effects and a batch-specific random-effects autoencoder on one AnnData."
     setup_anndata = staticmethod(data.setup_anndata)
@@ -85,14 +87,31 @@ class SCMEDAL:
         self.modules = {kind: build_module(kind, adata.n_vars, len(registry["batch_categories"]), n_labels,
                                            n_hidden=tuple(n_hidden), n_latent=n_latent, **(module_kwargs or {}).get(kind, {}))
                         for kind in models}
-        self.scaling, self.history, self.is_trained = None, {}, False
+        self.scaling, self.history, self.train_state, self.is_trained = None, {}, {}, False
 
     def __repr__(self):
         state = "trained" if self.is_trained else "not trained"
         return (f"SCMEDAL({', '.join(self.modules)}; {len(self.var_names)} genes, "
                 f"{len(self.registry['batch_categories'])} batches of '{self.registry['batch_key']}'; {state})")
 
-# %% ../nbs/03_mixed_model.ipynb #8950882b
+# %% ../nbs/03_mixed_model.ipynb #29fdf51a
+class _TrainingState(L.Callback):
+    "Record, and on resume restore, what the next epoch depends on besides the weights: Adam's moments and torch's random state."
+    def __init__(self,
+                 state: dict | None = None):  # a previous fit's `.state` to continue from; None for a fresh fit
+        self.state = state
+        self.epochs = 0 if state is None else state["epochs"]
+
+    def on_train_start(self, trainer, pl_module):
+        if self.state is None: return
+        for optimizer, saved in zip(trainer.optimizers, self.state["optimizers"]): optimizer.load_state_dict(saved)
+        torch.set_rng_state(self.state["torch_rng"])
+
+    def on_train_end(self, trainer, pl_module):
+        self.state = dict(epochs=self.epochs + trainer.current_epoch, torch_rng=torch.get_rng_state(),
+                          optimizers=[copy.deepcopy(o.state_dict()) for o in trainer.optimizers])
+
+# %% ../nbs/03_mixed_model.ipynb #f63c348a
 def _trainer(max_epochs, callbacks, *, progress_bar, accelerator, devices, strategy, precision, **kwargs):
     "A Lightning Trainer that writes no logs or checkpoints into the working directory."
     return L.Trainer(max_epochs=max_epochs, callbacks=callbacks, accelerator=accelerator, devices=devices,
@@ -100,7 +119,7 @@ def _trainer(max_epochs, callbacks, *, progress_bar, accelerator, devices, strat
                      enable_model_summary=False, enable_progress_bar=progress_bar,
                      default_root_dir=tempfile.gettempdir(), **kwargs)
 
-# %% ../nbs/03_mixed_model.ipynb #0eff78dd
+# %% ../nbs/03_mixed_model.ipynb #ec4a21ac
 def _train(self: SCMEDAL,
            *,
            max_epochs: int = 500,  # epochs per model (the paper: 500)
@@ -117,43 +136,56 @@ def _train(self: SCMEDAL,
            strategy="auto",  # passed to lightning.Trainer, e.g. "ddp"
            precision="32-true",  # passed to lightning.Trainer
            callbacks: list | None = None,  # extra Lightning callbacks
+           resume: bool = False,  # continue the previous training for `max_epochs` more epochs, exactly
            **trainer_kwargs):  # any other lightning.Trainer option
-    "Train every model of this SCMEDAL on the registered AnnData."
+    "Train every model of this SCMEDAL on the registered AnnData, or with `resume` continue where training stopped."
     if early_stopping and val_indices is None: raise ValueError("early_stopping needs val_indices to monitor")
+    if resume and set(self.train_state) != set(self.modules):
+        raise ValueError("nothing to resume: train the model first, or load one saved with training_state=True")
+    if self.adata is None: raise ValueError("this model was loaded without data: load it with SCMEDAL.load(path, adata) to train it")
     dm = data.SCMEDALDataModule(self.adata, train_indices=train_indices, val_indices=val_indices, batch_size=batch_size,
-                                scaling=self.init_params["scaling"], registry=self.registry, seed=self.init_params["seed"])
+                                scaling=self.scaling if resume else self.init_params["scaling"], registry=self.registry,
+                                seed=self.init_params["seed"])
     self.scaling = dm.scaling
     if val_indices is None: trainer_kwargs.setdefault("limit_val_batches", 0)
     for kind, module in self.modules.items():
         L.seed_everything(self.init_params["seed"], verbose=False)
         plan = training_plan(kind, module, dataset=self.init_params["dataset"], lr=lr, **(loss_weights or {}).get(kind, {}))
-        history = History()
+        state = _TrainingState(self.train_state[kind] if resume else None)
+        history, dm.first_epoch = History(first_epoch=state.epochs), state.epochs  # the shuffle continues at the right epoch
         stop = [L.pytorch.callbacks.EarlyStopping("val_recon_loss", patience=patience)] if early_stopping else []
-        trainer = _trainer(max_epochs, [history, *stop, *(callbacks or [])], progress_bar=progress_bar, accelerator=accelerator,
+        trainer = _trainer(max_epochs, [state, history, *stop, *(callbacks or [])], progress_bar=progress_bar, accelerator=accelerator,
                            devices=devices, strategy=strategy, precision=precision, **trainer_kwargs)
+        module.train()  # Lightning keeps each submodule's mode, and a trained or loaded module is in eval mode
         trainer.fit(plan, datamodule=dm)
-        self.history[kind] = history.frame()
+        self.train_state[kind] = state.state
+        self.history[kind] = pd.concat([self.history[kind], history.frame()]) if resume else history.frame()
         module.cpu().eval()
     self.is_trained = True
     return self
 
 SCMEDAL.train = _train
 
-# %% ../nbs/03_mixed_model.ipynb #1d2f82f6
+# %% ../nbs/03_mixed_model.ipynb #328f29d4
 def _aligned(self: SCMEDAL, adata):
     "The AnnData with the model's genes in the model's order; an error names the genes that are missing."
+    if adata is None and self.adata is None: raise ValueError("this model was loaded without data: pass adata=... (or SCMEDAL.load(path, adata))")
     if adata is None: return self.adata
+    self._check_obs(adata)
     names = list(map(str, adata.var_names))
     if names == self.var_names: return adata
     missing = [g for g in self.var_names if g not in set(names)]
     if missing: raise ValueError(f"adata lacks {len(missing)} of the model's {len(self.var_names)} genes, e.g. {missing[:5]}")
+    doubled = sorted(set(adata.var_names[adata.var_names.duplicated()]) & set(self.var_names))
+    if doubled: raise ValueError(f"adata has duplicated gene names the model uses, e.g. {doubled[:5]}; make them unique first")
     return adata[:, self.var_names]
 
 def _rows(self: SCMEDAL, adata, batch_size):
     "Inference minibatches over every cell of `adata`, scaled like the training data."
     if not self.is_trained: raise RuntimeError("the model is not trained yet: call model.train() or SCMEDAL.load()")
-    self._check_obs(adata)
-    rows = data.AnnDataRows(adata, np.arange(adata.n_obs), self.scaling, self.registry)
+    rows = data.AnnDataRows(adata, np.arange(adata.n_obs), self.scaling, dict(self.registry, labels_key=None))
+    layer = self.registry["layer"]
+    data.check_matrix(rows.X, name="X" if layer is None else f"layers['{layer}']")
     return torch.utils.data.DataLoader(rows, batch_size=batch_size, collate_fn=data._identity)
 
 def _check_obs(self: SCMEDAL, adata):
@@ -163,7 +195,7 @@ def _check_obs(self: SCMEDAL, adata):
 
 SCMEDAL._aligned, SCMEDAL._rows, SCMEDAL._check_obs = _aligned, _rows, _check_obs
 
-# %% ../nbs/03_mixed_model.ipynb #0d7313a4
+# %% ../nbs/03_mixed_model.ipynb #49ba547e
 def _module(self: SCMEDAL, kind):
     if kind not in self.modules: raise ValueError(f"this model has no {kind!r} network; it has {list(self.modules)}")
     return self.modules[kind].eval()
@@ -175,11 +207,11 @@ def _map(self: SCMEDAL, adata, fn, batch_size):
 
 def _unscale(self: SCMEDAL, x):
     "Network output back to log-normalised expression."
-    return x * np.where(self.scaling["max"] > self.scaling["min"], self.scaling["max"] - self.scaling["min"], 1.0) + self.scaling["min"]
+    return data.invert_scaling(x, self.scaling)
 
 SCMEDAL._module, SCMEDAL._map, SCMEDAL._unscale = _module, _map, _unscale
 
-# %% ../nbs/03_mixed_model.ipynb #ca7fdb18
+# %% ../nbs/03_mixed_model.ipynb #9054fabe
 def get_latent_representation(self: SCMEDAL,
                               adata: ad.AnnData | None = None,  # default: the training AnnData
                               *,
@@ -212,7 +244,7 @@ def _warn_unseen(self: SCMEDAL, adata):
 
 SCMEDAL.get_latent_representation, SCMEDAL.get_reconstruction, SCMEDAL._warn_unseen = get_latent_representation, get_reconstruction, _warn_unseen
 
-# %% ../nbs/03_mixed_model.ipynb #359a5039
+# %% ../nbs/03_mixed_model.ipynb #cd5c41b7
 @contextlib.contextmanager
 def posterior_sampling(module: torch.nn.Module):
     "Within this context the module's random-effects layers sample from their posterior; everything else stays in eval mode."
@@ -254,7 +286,7 @@ def get_counterfactual(self: SCMEDAL,
 
 SCMEDAL._batch_code, SCMEDAL.get_counterfactual = _batch_code, get_counterfactual
 
-# %% ../nbs/03_mixed_model.ipynb #4a642448
+# %% ../nbs/03_mixed_model.ipynb #abdf8174
 def get_random_effects(self: SCMEDAL) -> pd.DataFrame:  # columns batch, layer, parameter, unit, mean, sd
     "Posterior mean and sd of every random effect: one row per batch × layer × parameter (gamma/beta) × unit."
     frames = []
@@ -272,21 +304,27 @@ def get_random_effects(self: SCMEDAL) -> pd.DataFrame:  # columns batch, layer, 
 
 SCMEDAL.get_random_effects = get_random_effects
 
-# %% ../nbs/03_mixed_model.ipynb #4a79aea7
+# %% ../nbs/03_mixed_model.ipynb #00557af0
 def save(self: SCMEDAL,
          path,  # folder to write `model.pt` into (created if needed)
          *,
-         overwrite: bool = False):  # replace an existing saved model
-    "Save the trained model atomically to `path/model.pt`."
+         overwrite: bool = False,  # replace an existing saved model
+         training_state: bool = True):  # also save optimiser and RNG states, so `train(resume=True)` can continue
+    "Save the model atomically to `path/model.pt`: a failed save leaves no partial or temporary file."
     target = Path(path) / "model.pt"
     if target.exists() and not overwrite: raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     state = dict(init_params=self.init_params, registry=self.registry, var_names=self.var_names, scaling=self.scaling,
                  history={k: v.to_dict() for k, v in self.history.items()}, is_trained=self.is_trained,
-                 weights={k: m.state_dict() for k, m in self.modules.items()})
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".model.", suffix=".tmp", delete=False) as tmp:
-        torch.save(state, tmp)
-    os.replace(tmp.name, target)
+                 weights={k: m.state_dict() for k, m in self.modules.items()},
+                 train_state=self.train_state if training_state else {})
+    tmp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=".model.", suffix=".tmp", delete=False)
+    try:
+        with tmp: torch.save(state, tmp)
+        os.replace(tmp.name, target)
+    except BaseException:
+        Path(tmp.name).unlink(missing_ok=True)
+        raise
 
 @classmethod
 def load(cls,
@@ -296,8 +334,8 @@ def load(cls,
     state = torch.load(Path(path) / "model.pt", weights_only=False)
     model = cls.__new__(cls)
     model.init_params, model.registry, model.var_names = state["init_params"], state["registry"], state["var_names"]
-    model.scaling, model.is_trained = state["scaling"], state["is_trained"]
-    model.history = {k: pd.DataFrame(v) for k, v in state["history"].items()}
+    model.scaling, model.is_trained, model.train_state = state["scaling"], state["is_trained"], state.get("train_state", {})
+    model.history = {k: pd.DataFrame(v).rename_axis("epoch") for k, v in state["history"].items()}
     model.adata = None if adata is None else model._aligned(adata)
     n_labels = len(model.registry["label_categories"]) if model.registry["labels_key"] else None
     p = model.init_params
@@ -309,7 +347,7 @@ def load(cls,
 
 SCMEDAL.save, SCMEDAL.load = save, load
 
-# %% ../nbs/03_mixed_model.ipynb #12df2751
+# %% ../nbs/03_mixed_model.ipynb #90acd408
 def train_kfold(
     adata: ad.AnnData,  # registered AnnData
     *,
