@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['looks_normalized', 'prepare', 'run', 'main']
 
-# %% ../nbs/06_cli.ipynb #803e80af
+# %% ../nbs/06_cli.ipynb #d58e7bd9
 import argparse
 import logging
 import sys
@@ -22,7 +22,7 @@ from . import data, metrics
 from . import plotting as pl
 from .model import SCMEDAL
 
-# %% ../nbs/06_cli.ipynb #af412165
+# %% ../nbs/06_cli.ipynb #a6fac9eb
 def looks_normalized(
     adata: ad.AnnData,  # input data
     *,
@@ -33,7 +33,7 @@ def looks_normalized(
     values = X.data[:n_values] if hasattr(X, "data") and not isinstance(X, np.ndarray) else np.asarray(X).ravel()[:n_values]
     return bool(np.any(values != np.round(values)))
 
-# %% ../nbs/06_cli.ipynb #6a43ac9d
+# %% ../nbs/06_cli.ipynb #6ab226f3
 def prepare(
     adata: ad.AnnData,  # raw counts or log-normalised data
     *,
@@ -52,7 +52,7 @@ def prepare(
     data.setup_anndata(adata, batch_key=batch_key, labels_key=labels_key, condition_key=condition_key)
     return adata
 
-# %% ../nbs/06_cli.ipynb #2346c67a
+# %% ../nbs/06_cli.ipynb #b8a99826
 def run(
     adata: ad.AnnData,  # preprocessed, registered AnnData (see `prepare`)
     out,  # output folder
@@ -92,7 +92,7 @@ def _split_codes(split, n_obs):
     for code, part in enumerate(("train", "val", "test")): codes[split[part]] = code
     return codes
 
-# %% ../nbs/06_cli.ipynb #6cdbf293
+# %% ../nbs/06_cli.ipynb #f0c95fb6
 def _counterfactual_anndata(model, adata):
     "Every cell moved to each training batch, one layer per batch (log-normalised expression)."
     cf = ad.AnnData(model.get_reconstruction(kind="re").astype(np.float32), obs=adata.obs[[model.registry["batch_key"]]].copy(),
@@ -112,7 +112,7 @@ def _scores(adata, split):
                               train_indices=split["train"], test_indices=split["test"]) for t in targets]
     return pd.concat([scores, *[m.assign(table="mec") for m in mecs]], ignore_index=True)
 
-# %% ../nbs/06_cli.ipynb #7af8ae29
+# %% ../nbs/06_cli.ipynb #787bf852
 def _figures(out, adata, model):
     "UMAP panel, training curves and counterfactual genomaps as PNG files."
     reg, paths = model.registry, {}
@@ -139,7 +139,7 @@ def _genomaps(adata, model, path):
     pl.plot_genomaps(layout, matrices, counterfactuals=counterfactuals, cells=cells,
                      title=f"mean of {group} cells" if group else "mean of all cells", save=path)
 
-# %% ../nbs/06_cli.ipynb #a26c9538
+# %% ../nbs/06_cli.ipynb #0c4044a0
 def _report(out, paths, adata, model, epochs):
     "A short Markdown report linking every output."
     scores = pd.read_csv(paths["metrics"])
@@ -156,7 +156,7 @@ def _report(out, paths, adata, model, epochs):
     report.write_text("\n".join(lines) + "\n")
     return report
 
-# %% ../nbs/06_cli.ipynb #8649eb37
+# %% ../nbs/06_cli.ipynb #c963d013
 def _parser():
     parser = argparse.ArgumentParser(prog="scmedal", description="scMEDAL: model batch effects with fixed- and random-effects autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,7 +183,7 @@ def _parser():
     cf.add_argument("--out", default="counterfactual.h5ad")
     return parser
 
-# %% ../nbs/06_cli.ipynb #2fad19ba
+# %% ../nbs/06_cli.ipynb #5f3133a4
 def _demo(args):
     adata = data.simulate(n_cells=args.cells, n_genes=1000, n_batches=8, seed=0)
     adata = prepare(adata, batch_key="batch", labels_key="cell_type", condition_key="condition", n_top_genes=500)
@@ -209,7 +209,7 @@ def _read(path):
     if not Path(path).is_file(): raise FileNotFoundError(f"no such file: {path}")
     return ad.read_h5ad(path)
 
-# %% ../nbs/06_cli.ipynb #faab5384
+# %% ../nbs/06_cli.ipynb #6e5e496d
 def main(argv: list | None = None) -> int:  # exit code
     "Entry point of the `scmedal` console script."
     args = _parser().parse_args(argv)

@@ -7,7 +7,7 @@ __all__ = ['KERAS_BN_MOMENTUM', 'KERAS_BN_EPS', 'DEFAULT_LOSS_WEIGHTS', 'PAPER_L
            'batch_norm', 'Encoder', 'TiedDecoder', 'Classifier', 'LossOutput', 'classification_terms', 'loss_weights',
            'FixedEffectsModule', 'adam', 'TrainingPlan', 'AdversarialTrainingPlan']
 
-# %% ../nbs/01_fixed_effects.ipynb #349502a0
+# %% ../nbs/01_fixed_effects.ipynb #76ed185f
 import inspect
 from dataclasses import dataclass, field
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# %% ../nbs/01_fixed_effects.ipynb #13af2094
+# %% ../nbs/01_fixed_effects.ipynb #079cafc9
 KERAS_BN_MOMENTUM = 0.01  # Keras momentum 0.99, written the PyTorch way (weight of the new batch)
 KERAS_BN_EPS = 1e-3
 
@@ -35,7 +35,7 @@ def batch_norm(n_features: int, # number of features
     "An `nn.BatchNorm1d` with the Keras defaults (momentum 0.99, i.e. PyTorch 0.01; eps 1e-3)."
     return nn.BatchNorm1d(n_features, momentum=momentum, eps=KERAS_BN_EPS)
 
-# %% ../nbs/01_fixed_effects.ipynb #7db87ccc
+# %% ../nbs/01_fixed_effects.ipynb #a91f1bba
 class Encoder(nn.Module):
     "Dense encoder: per hidden width Linear → [BatchNorm] → SELU, then a SELU-activated latent Linear."
     def __init__(self,
@@ -64,7 +64,7 @@ class Encoder(nn.Module):
         activations.append(F.selu(self.linears[-1](h)))
         return activations if return_all else activations[-1]
 
-# %% ../nbs/01_fixed_effects.ipynb #0d3f067b
+# %% ../nbs/01_fixed_effects.ipynb #9186b4ce
 class TiedDecoder(nn.Module):
     "Decoder that reuses the encoder's Linear weights transposed, with its own zero-initialised biases."
     def __init__(self,
@@ -84,7 +84,7 @@ class TiedDecoder(nn.Module):
             if i < last: h = F.selu(h)
         return h
 
-# %% ../nbs/01_fixed_effects.ipynb #955083ba
+# %% ../nbs/01_fixed_effects.ipynb #90e0e62b
 class Classifier(nn.Module):
     "MLP head: hidden Linear + ReLU layers, then a Linear layer returning logits."
     def __init__(self,
@@ -99,7 +99,7 @@ class Classifier(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor: return self.layers(h)
 
-# %% ../nbs/01_fixed_effects.ipynb #4f353ceb
+# %% ../nbs/01_fixed_effects.ipynb #bf8025c2
 @dataclass
 class LossOutput:
     "Loss of one minibatch: `total_loss` is optimised, `terms` and `metrics` are logged."
@@ -120,7 +120,7 @@ def classification_terms(logits: Tensor, # (n, K) logits
     acc = (logits.argmax(1) == target).sum() / n_known
     return ce, acc
 
-# %% ../nbs/01_fixed_effects.ipynb #02ce66c4
+# %% ../nbs/01_fixed_effects.ipynb #5498eefa
 DEFAULT_LOSS_WEIGHTS = {
     "ae": dict(w_recon=1.0),
     "aec": dict(w_recon=100.0, w_class=0.1),
@@ -143,7 +143,7 @@ def loss_weights(kind: str, # model kind: 'ae', 'aec', 'fe', 'fec' or 're'
     table = DEFAULT_LOSS_WEIGHTS if dataset is None else PAPER_LOSS_WEIGHTS[dataset.lower()]
     return dict(table[kind])
 
-# %% ../nbs/01_fixed_effects.ipynb #e725ffa3
+# %% ../nbs/01_fixed_effects.ipynb #285ba88d
 FE_BN_MOMENTUM = 1 - (1 - KERAS_BN_MOMENTUM) ** 2  # one update worth two Keras updates with the same batch
 
 class FixedEffectsModule(nn.Module):
@@ -213,7 +213,7 @@ class FixedEffectsModule(nn.Module):
             total = total + w_class * terms["class_loss"]
         return LossOutput(total, terms, metrics)
 
-# %% ../nbs/01_fixed_effects.ipynb #e72d1fdd
+# %% ../nbs/01_fixed_effects.ipynb #b48b4ee8
 def adam(params, # parameters or parameter groups
          *,
          lr: float = 1e-4, # learning rate
@@ -224,7 +224,7 @@ def adam(params, # parameters or parameter groups
     try: return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
     except (RuntimeError, ValueError): return torch.optim.Adam(params, lr=lr, eps=eps)
 
-# %% ../nbs/01_fixed_effects.ipynb #5bc4e95f
+# %% ../nbs/01_fixed_effects.ipynb #07cbf113
 class TrainingPlan(L.LightningModule):
     "Lightning plan with one Adam optimiser: minimises `module.loss(...).total_loss`, logs every term."
     def __init__(self,
@@ -256,7 +256,7 @@ class TrainingPlan(L.LightningModule):
     def configure_optimizers(self):
         return adam(self.module.parameters(), lr=self.lr, eps=self.eps)
 
-# %% ../nbs/01_fixed_effects.ipynb #38cbd876
+# %% ../nbs/01_fixed_effects.ipynb #3e27072a
 class AdversarialTrainingPlan(TrainingPlan):
     "Manual optimisation for scMEDAL-FE/FEC: an adversary step, then an autoencoder step against it."
     def __init__(self,

@@ -6,7 +6,7 @@
 __all__ = ['inverse_softplus', 'rho_init_bounds', 'gaussian_kl', 'sampled_kl', 'batch_rows', 'RandomEffects', 'ScaleBiasBlock',
            'RandomEffectsEncoder', 'RandomEffectsDecoder', 'RandomEffectsModule']
 
-# %% ../nbs/02_random_effects.ipynb #4c7283f1
+# %% ../nbs/02_random_effects.ipynb #ec55de6e
 import math
 from collections.abc import Iterator
 
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .fixed_effects import Classifier, LossOutput, batch_norm, classification_terms, dense
 
-# %% ../nbs/02_random_effects.ipynb #a2872e32
+# %% ../nbs/02_random_effects.ipynb #a1b2f85c
 def inverse_softplus(y: float) -> float:
     "The $\\rho$ with $\\mathrm{softplus}(\\rho) = y$."
     return math.log(math.expm1(y))
@@ -39,14 +39,14 @@ def sampled_kl(u: Tensor, eps: Tensor, sigma: Tensor, prior_scale: float) -> Ten
     # log q(u) = -eps²/2 - log sigma + const: TFP's (u - mu)/sigma is eps, and its gradient through u is exactly zero
     return (0.5 * (u / prior_scale) ** 2 - 0.5 * eps ** 2 + math.log(prior_scale) - sigma.log()).sum()
 
-# %% ../nbs/02_random_effects.ipynb #353eadd0
+# %% ../nbs/02_random_effects.ipynb #df3759aa
 def batch_rows(table: Tensor, # (B, F) one row per batch
                batch_index: Tensor, # (n,) batch of each cell; -1 for a batch not seen in training
               ) -> Tensor: # (n, F)
     "Each cell's row of `table`; cells of unseen batches (-1) get the prior mean, zero."
     return F.embedding(batch_index.clamp(min=0), table).masked_fill((batch_index < 0)[:, None], 0.0)
 
-# %% ../nbs/02_random_effects.ipynb #721783c9
+# %% ../nbs/02_random_effects.ipynb #4aeed454
 class RandomEffects(nn.Module):
     "Per-batch Gaussian random effects $U \\in R^{B \\times F}$; `forward(batch_index)` returns each cell's row."
     def __init__(self,
@@ -83,7 +83,7 @@ class RandomEffects(nn.Module):
                    else gaussian_kl(self.mu, sigma, self.prior_scale))
         return batch_rows(u, batch_index)
 
-# %% ../nbs/02_random_effects.ipynb #c74737d4
+# %% ../nbs/02_random_effects.ipynb #f29d242d
 class ScaleBiasBlock(nn.Module):
     "$(1 + \\gamma_b) \\odot \\mathrm{BN}(h) + \\beta_b$ with random effects $\\gamma$, $\\beta$ (ARMED's `ClusterScaleBiasBlock`)."
     def __init__(self,
@@ -99,7 +99,7 @@ class ScaleBiasBlock(nn.Module):
     def forward(self, h: Tensor, batch_index: Tensor) -> Tensor:
         return torch.addcmul(self.beta(batch_index), self.bn(h), 1 + self.gamma(batch_index))
 
-# %% ../nbs/02_random_effects.ipynb #d5a1ce5e
+# %% ../nbs/02_random_effects.ipynb #81470275
 class RandomEffectsEncoder(nn.Module):
     "RE encoder: per hidden width Linear → ScaleBias → SELU, then a SELU latent Linear (no RE on $z_{re}$)."
     def __init__(self,
@@ -146,7 +146,7 @@ class RandomEffectsDecoder(nn.Module):
             if i < last: h = F.selu(h)
         return h
 
-# %% ../nbs/02_random_effects.ipynb #9ff68992
+# %% ../nbs/02_random_effects.ipynb #58123bdc
 class RandomEffectsModule(nn.Module):
     "scMEDAL-RE: RE encoder, untied RE decoder and a latent batch classifier trained with a positive weight."
     kind = "re"
