@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['looks_normalized', 'prepare', 'run', 'main']
 
-# %% ../nbs/06_cli.ipynb #d58e7bd9
+# %% ../nbs/06_cli.ipynb #205ad478
 import argparse
 import logging
 import sys
@@ -22,7 +22,7 @@ from . import data, metrics
 from . import plotting as pl
 from .model import SCMEDAL
 
-# %% ../nbs/06_cli.ipynb #a6fac9eb
+# %% ../nbs/06_cli.ipynb #cee5e348
 def looks_normalized(
     adata: ad.AnnData,  # input data
     *,
@@ -33,7 +33,7 @@ def looks_normalized(
     values = X.data[:n_values] if hasattr(X, "data") and not isinstance(X, np.ndarray) else np.asarray(X).ravel()[:n_values]
     return bool(np.any(values != np.round(values)))
 
-# %% ../nbs/06_cli.ipynb #6ab226f3
+# %% ../nbs/06_cli.ipynb #a0e5273c
 def prepare(
     adata: ad.AnnData,  # raw counts or log-normalised data
     *,
@@ -52,7 +52,7 @@ def prepare(
     data.setup_anndata(adata, batch_key=batch_key, labels_key=labels_key, condition_key=condition_key)
     return adata
 
-# %% ../nbs/06_cli.ipynb #b8a99826
+# %% ../nbs/06_cli.ipynb #c9c68d2d
 def run(
     adata: ad.AnnData,  # preprocessed, registered AnnData (see `prepare`)
     out,  # output folder
@@ -79,11 +79,12 @@ def run(
     paths = dict(adata=out / "adata.h5ad", counterfactuals=out / "counterfactuals.h5ad", model=out / "model",
                  metrics=out / "metrics.csv", history=out / "history.csv")
     adata.write_h5ad(paths["adata"])
-    _counterfactual_anndata(model, adata).write_h5ad(paths["counterfactuals"])
+    cf = _counterfactual_anndata(model, adata)
+    cf.write_h5ad(paths["counterfactuals"])
     model.save(paths["model"], overwrite=True)
     _scores(adata, split).to_csv(paths["metrics"], index=False)
     pd.concat(model.history, names=["model"]).to_csv(paths["history"])
-    paths |= _figures(out, adata, model)
+    paths |= _figures(out, adata, cf, model)
     paths["report"] = _report(out, paths, adata, model, epochs)
     return paths
 
@@ -92,13 +93,18 @@ def _split_codes(split, n_obs):
     for code, part in enumerate(("train", "val", "test")): codes[split[part]] = code
     return codes
 
-# %% ../nbs/06_cli.ipynb #f0c95fb6
-def _counterfactual_anndata(model, adata):
-    "Every cell moved to each training batch, one layer per batch (log-normalised expression)."
-    cf = ad.AnnData(model.get_reconstruction(kind="re").astype(np.float32), obs=adata.obs[[model.registry["batch_key"]]].copy(),
+# %% ../nbs/06_cli.ipynb #85b0eb72
+def _counterfactual_anndata(model, adata, *, max_cells=2000, seed=0):
+    "Input, FE/RE reconstructions (X) and every batch's counterfactual (layers `to_<batch>`) of a seeded cell sample."
+    cells = np.arange(adata.n_obs) if adata.n_obs <= max_cells else np.sort(np.random.default_rng(seed).choice(adata.n_obs, max_cells, replace=False))
+    sub = adata[cells]
+    keys = [k for k in (model.registry["batch_key"], model.registry["labels_key"]) if k]
+    cf = ad.AnnData(model.get_reconstruction(sub, kind="re").astype(np.float32), obs=sub.obs[keys].copy(),
                     var=pd.DataFrame(index=adata.var_names))
+    cf.layers["input"] = sub.X.toarray() if hasattr(sub.X, "toarray") else np.asarray(sub.X)
+    cf.layers["fe_reconstruction"] = model.get_reconstruction(sub, kind="fe").astype(np.float32)
     for batch in model.registry["batch_categories"]:
-        cf.layers[f"to_{batch}"] = model.get_counterfactual(transform_batch=batch).astype(np.float32)
+        cf.layers[f"to_{batch}"] = model.get_counterfactual(sub, transform_batch=batch).astype(np.float32)
     return cf
 
 def _scores(adata, split):
@@ -112,8 +118,8 @@ def _scores(adata, split):
                               train_indices=split["train"], test_indices=split["test"]) for t in targets]
     return pd.concat([scores, *[m.assign(table="mec") for m in mecs]], ignore_index=True)
 
-# %% ../nbs/06_cli.ipynb #787bf852
-def _figures(out, adata, model):
+# %% ../nbs/06_cli.ipynb #bb65863c
+def _figures(out, adata, cf, model):
     "UMAP panel, training curves and counterfactual genomaps as PNG files."
     reg, paths = model.registry, {}
     sc.pp.pca(adata, n_comps=min(50, adata.n_vars - 1))
@@ -124,22 +130,21 @@ def _figures(out, adata, model):
         paths[f"training_{kind}"] = out / f"training_{kind}.png"
         pl.plot_history(history, n_batches=len(reg["batch_categories"]), save=paths[f"training_{kind}"])
     paths["genomaps"] = out / "genomaps.png"
-    _genomaps(adata, model, paths["genomaps"])
+    _genomaps(cf, model, paths["genomaps"])
     return paths
 
-def _genomaps(adata, model, path):
-    "Genomaps of the largest cell type (or all cells): input, reconstructions and counterfactuals."
-    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-    layout = pl.fit_genomap(X, gene_names=list(adata.var_names))
+def _genomaps(cf, model, path):
+    "Genomaps of the largest cell type (or all cells) of the counterfactual sample: input, reconstructions, counterfactuals."
+    layout = pl.fit_genomap(cf.layers["input"], gene_names=list(cf.var_names))
     labels_key = model.registry["labels_key"]
-    group = adata.obs[labels_key].value_counts().idxmax() if labels_key else None
-    cells = (adata.obs[labels_key] == group).to_numpy() if labels_key else None
-    matrices = {"input": X, "FE reconstruction": model.get_reconstruction(kind="fe"), "RE reconstruction": model.get_reconstruction(kind="re")}
-    counterfactuals = {b: model.get_counterfactual(transform_batch=b) for b in model.registry["batch_categories"]}
+    group = cf.obs[labels_key].value_counts().idxmax() if labels_key else None
+    cells = (cf.obs[labels_key] == group).to_numpy() if labels_key else None
+    matrices = {"input": cf.layers["input"], "FE reconstruction": cf.layers["fe_reconstruction"], "RE reconstruction": cf.X}
+    counterfactuals = {b: cf.layers[f"to_{b}"] for b in model.registry["batch_categories"]}
     pl.plot_genomaps(layout, matrices, counterfactuals=counterfactuals, cells=cells,
                      title=f"mean of {group} cells" if group else "mean of all cells", save=path)
 
-# %% ../nbs/06_cli.ipynb #0c4044a0
+# %% ../nbs/06_cli.ipynb #88cd8ee1
 def _report(out, paths, adata, model, epochs):
     "A short Markdown report linking every output."
     scores = pd.read_csv(paths["metrics"])
@@ -156,7 +161,7 @@ def _report(out, paths, adata, model, epochs):
     report.write_text("\n".join(lines) + "\n")
     return report
 
-# %% ../nbs/06_cli.ipynb #c963d013
+# %% ../nbs/06_cli.ipynb #4890b390
 def _parser():
     parser = argparse.ArgumentParser(prog="scmedal", description="scMEDAL: model batch effects with fixed- and random-effects autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,7 +188,7 @@ def _parser():
     cf.add_argument("--out", default="counterfactual.h5ad")
     return parser
 
-# %% ../nbs/06_cli.ipynb #5f3133a4
+# %% ../nbs/06_cli.ipynb #2d77b3ea
 def _demo(args):
     adata = data.simulate(n_cells=args.cells, n_genes=1000, n_batches=8, seed=0)
     adata = prepare(adata, batch_key="batch", labels_key="cell_type", condition_key="condition", n_top_genes=500)
@@ -209,7 +214,7 @@ def _read(path):
     if not Path(path).is_file(): raise FileNotFoundError(f"no such file: {path}")
     return ad.read_h5ad(path)
 
-# %% ../nbs/06_cli.ipynb #6e5e496d
+# %% ../nbs/06_cli.ipynb #1ff59373
 def main(argv: list | None = None) -> int:  # exit code
     "Entry point of the `scmedal` console script."
     args = _parser().parse_args(argv)
