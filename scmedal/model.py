@@ -7,7 +7,7 @@ __all__ = ['KINDS', 'build_module', 'training_plan', 'History', 'SCMEDAL', 'ddp_
            'get_reconstruction', 'posterior_sampling', 'get_counterfactual', 'get_random_effects', 'save', 'load',
            'train_kfold']
 
-# %% ../nbs/03_mixed_model.ipynb #527d9343
+# %% ../nbs/03_mixed_model.ipynb #c9c7d211
 import contextlib
 import copy
 import os
@@ -25,7 +25,7 @@ from . import data
 from .fixed_effects import AdversarialTrainingPlan, FixedEffectsModule, TrainingPlan
 from .random_effects import RandomEffectsModule
 
-# %% ../nbs/03_mixed_model.ipynb #1c25ea95
+# %% ../nbs/03_mixed_model.ipynb #eb6cb7ce
 KINDS = ("ae", "aec", "fe", "fec", "re")
 
 def build_module(
@@ -50,7 +50,7 @@ def training_plan(
     "The Lightning plan that optimises a module: two optimisers for FE/FEC, one otherwise."
     return (AdversarialTrainingPlan if kind in ("fe", "fec") else TrainingPlan)(module, **kwargs)
 
-# %% ../nbs/03_mixed_model.ipynb #a02514f7
+# %% ../nbs/03_mixed_model.ipynb #caf76428
 class History(L.Callback):
     "Collect the epoch-level logged metrics of a fit into a DataFrame (one row per epoch)."
     def __init__(self,
@@ -64,7 +64,14 @@ class History(L.Callback):
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows).set_index("epoch") if self.rows else pd.DataFrame()
 
-# %% ../nbs/03_mixed_model.ipynb #7e851cbd
+# %% ../nbs/03_mixed_model.ipynb #70495828
+def _build_modules(registry, n_genes, params):
+    "One module per model kind in `params['models']`, sized by the registry's batches and labels."
+    n_labels = len(registry["label_categories"]) if registry["labels_key"] else None
+    return {kind: build_module(kind, n_genes, len(registry["batch_categories"]), n_labels, n_hidden=params["n_hidden"],
+                               n_latent=params["n_latent"], **params["module_kwargs"].get(kind, {}))
+            for kind in params["models"]}
+
 class SCMEDAL:
     "scMEDAL: a batch-invariant fixed-effects and a batch-specific random-effects autoencoder on one AnnData."
     setup_anndata = staticmethod(data.setup_anndata)
@@ -83,11 +90,8 @@ class SCMEDAL:
         self.init_params = dict(models=tuple(models), n_hidden=tuple(n_hidden), n_latent=n_latent, dataset=dataset,
                                 scaling=scaling, seed=seed, module_kwargs=module_kwargs or {})
         self.adata, self.registry, self.var_names = adata, registry, list(map(str, adata.var_names))
-        n_labels = len(registry["label_categories"]) if registry["labels_key"] else None
         L.seed_everything(seed, verbose=False)
-        self.modules = {kind: build_module(kind, adata.n_vars, len(registry["batch_categories"]), n_labels,
-                                           n_hidden=tuple(n_hidden), n_latent=n_latent, **(module_kwargs or {}).get(kind, {}))
-                        for kind in models}
+        self.modules = _build_modules(registry, adata.n_vars, self.init_params)
         self.scaling, self.history, self.train_state, self.is_trained = None, {}, {}, False
 
     def __repr__(self):
@@ -95,7 +99,7 @@ class SCMEDAL:
         return (f"SCMEDAL({', '.join(self.modules)}; {len(self.var_names)} genes, "
                 f"{len(self.registry['batch_categories'])} batches of '{self.registry['batch_key']}'; {state})")
 
-# %% ../nbs/03_mixed_model.ipynb #232a6e62
+# %% ../nbs/03_mixed_model.ipynb #1880ed08
 class _TrainingState(L.Callback):
     "Record, and on resume restore, what the next epoch depends on besides the weights: Adam's moments and torch's random state."
     def __init__(self,
@@ -112,7 +116,7 @@ class _TrainingState(L.Callback):
         self.state = dict(epochs=self.epochs + trainer.current_epoch, torch_rng=torch.get_rng_state(),
                           optimizers=[copy.deepcopy(o.state_dict()) for o in trainer.optimizers])
 
-# %% ../nbs/03_mixed_model.ipynb #48318a71
+# %% ../nbs/03_mixed_model.ipynb #817d34e8
 def ddp_strategy(strategy):  # a Lightning strategy name or object
     "A DDP strategy *name* gets its `find_unused_parameters` variant: FE's two optimisers each step part of the model."
     if isinstance(strategy, str) and strategy.startswith("ddp") and "find_unused" not in strategy:
@@ -126,7 +130,7 @@ def _trainer(max_epochs, callbacks, *, progress_bar, accelerator, devices, strat
                      enable_model_summary=False, enable_progress_bar=progress_bar,
                      default_root_dir=tempfile.gettempdir(), **kwargs)
 
-# %% ../nbs/03_mixed_model.ipynb #d67fef9c
+# %% ../nbs/03_mixed_model.ipynb #b27024ac
 def _train(self: SCMEDAL,
            *,
            max_epochs: int = 500,  # epochs per model (the paper: 500)
@@ -173,7 +177,7 @@ def _train(self: SCMEDAL,
 
 SCMEDAL.train = _train
 
-# %% ../nbs/03_mixed_model.ipynb #f0aa7c3b
+# %% ../nbs/03_mixed_model.ipynb #9069b087
 def _aligned(self: SCMEDAL, adata):
     "The AnnData with the model's genes in the model's order; an error names the genes that are missing."
     if adata is None and self.adata is None: raise ValueError("this model was loaded without data: pass adata=... (or SCMEDAL.load(path, adata))")
@@ -202,7 +206,7 @@ def _check_obs(self: SCMEDAL, adata):
 
 SCMEDAL._aligned, SCMEDAL._rows, SCMEDAL._check_obs = _aligned, _rows, _check_obs
 
-# %% ../nbs/03_mixed_model.ipynb #410db56a
+# %% ../nbs/03_mixed_model.ipynb #8a365ab5
 def _module(self: SCMEDAL, kind):
     if kind not in self.modules: raise ValueError(f"this model has no {kind!r} network; it has {list(self.modules)}")
     return self.modules[kind].eval()
@@ -218,7 +222,7 @@ def _unscale(self: SCMEDAL, x):
 
 SCMEDAL._module, SCMEDAL._map, SCMEDAL._unscale = _module, _map, _unscale
 
-# %% ../nbs/03_mixed_model.ipynb #f079d09d
+# %% ../nbs/03_mixed_model.ipynb #fe67b9d3
 def get_latent_representation(self: SCMEDAL,
                               adata: ad.AnnData | None = None,  # default: the training AnnData
                               *,
@@ -251,7 +255,7 @@ def _warn_unseen(self: SCMEDAL, adata):
 
 SCMEDAL.get_latent_representation, SCMEDAL.get_reconstruction, SCMEDAL._warn_unseen = get_latent_representation, get_reconstruction, _warn_unseen
 
-# %% ../nbs/03_mixed_model.ipynb #11ef7236
+# %% ../nbs/03_mixed_model.ipynb #f0d9db88
 @contextlib.contextmanager
 def posterior_sampling(module: torch.nn.Module):
     "Within this context the module's random-effects layers sample from their posterior; everything else stays in eval mode."
@@ -293,7 +297,7 @@ def get_counterfactual(self: SCMEDAL,
 
 SCMEDAL._batch_code, SCMEDAL.get_counterfactual = _batch_code, get_counterfactual
 
-# %% ../nbs/03_mixed_model.ipynb #1441a11e
+# %% ../nbs/03_mixed_model.ipynb #2ea70537
 def get_random_effects(self: SCMEDAL) -> pd.DataFrame:  # columns batch, layer, parameter, unit, mean, sd
     "Posterior mean and sd of every random effect: one row per batch × layer × parameter (gamma/beta) × unit."
     frames = []
@@ -311,7 +315,7 @@ def get_random_effects(self: SCMEDAL) -> pd.DataFrame:  # columns batch, layer, 
 
 SCMEDAL.get_random_effects = get_random_effects
 
-# %% ../nbs/03_mixed_model.ipynb #fc1d3174
+# %% ../nbs/03_mixed_model.ipynb #bdb840be
 def save(self: SCMEDAL,
          path,  # folder to write `model.pt` into (created if needed)
          *,
@@ -344,17 +348,13 @@ def load(cls,
     model.scaling, model.is_trained, model.train_state = state["scaling"], state["is_trained"], state.get("train_state", {})
     model.history = {k: pd.DataFrame(v).rename_axis("epoch") for k, v in state["history"].items()}
     model.adata = None if adata is None else model._aligned(adata)
-    n_labels = len(model.registry["label_categories"]) if model.registry["labels_key"] else None
-    p = model.init_params
-    model.modules = {kind: build_module(kind, len(model.var_names), len(model.registry["batch_categories"]), n_labels,
-                                        n_hidden=p["n_hidden"], n_latent=p["n_latent"], **p["module_kwargs"].get(kind, {}))
-                     for kind in p["models"]}
+    model.modules = _build_modules(model.registry, len(model.var_names), model.init_params)
     for kind, module in model.modules.items(): module.load_state_dict(state["weights"][kind]); module.eval()
     return model
 
 SCMEDAL.save, SCMEDAL.load = save, load
 
-# %% ../nbs/03_mixed_model.ipynb #503ae356
+# %% ../nbs/03_mixed_model.ipynb #db179ce8
 def train_kfold(
     adata: ad.AnnData,  # registered AnnData
     *,
