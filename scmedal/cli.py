@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['looks_normalized', 'prepare', 'run', 'main']
 
-# %% ../nbs/06_cli.ipynb #205ad478
+# %% ../nbs/06_cli.ipynb #60a6e312
 import argparse
 import logging
 import sys
@@ -22,7 +22,7 @@ from . import data, metrics
 from . import plotting as pl
 from .model import SCMEDAL
 
-# %% ../nbs/06_cli.ipynb #cee5e348
+# %% ../nbs/06_cli.ipynb #2ad991ce
 def looks_normalized(
     adata: ad.AnnData,  # input data
     *,
@@ -33,7 +33,7 @@ def looks_normalized(
     values = X.data[:n_values] if hasattr(X, "data") and not isinstance(X, np.ndarray) else np.asarray(X).ravel()[:n_values]
     return bool(np.any(values != np.round(values)))
 
-# %% ../nbs/06_cli.ipynb #a0e5273c
+# %% ../nbs/06_cli.ipynb #a3347866
 def prepare(
     adata: ad.AnnData,  # raw counts or log-normalised data
     *,
@@ -52,7 +52,7 @@ def prepare(
     data.setup_anndata(adata, batch_key=batch_key, labels_key=labels_key, condition_key=condition_key)
     return adata
 
-# %% ../nbs/06_cli.ipynb #c9c68d2d
+# %% ../nbs/06_cli.ipynb #14089fb3
 def run(
     adata: ad.AnnData,  # preprocessed, registered AnnData (see `prepare`)
     out,  # output folder
@@ -65,12 +65,12 @@ def run(
     seed: int = 0,  # seed of everything
     progress_bar: bool = True,  # Lightning progress bars
 ) -> dict:  # paths of what was written
-    "Train FE + RE on fold 1 and write latents, counterfactuals, metrics, figures, the model and a report."
+    "Train FE, RE and the mixed-effects decoder on fold 1; write latents, counterfactuals, metrics, figures, the model, a report."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     reg = adata.uns["scmedal"]
     split = data.kfold_splits(adata, batch_key=reg["batch_key"], labels_key=reg["labels_key"])[0]
     start = time.time()
-    model = SCMEDAL(adata, n_hidden=n_hidden, n_latent=n_latent, seed=seed)
+    model = SCMEDAL(adata, models=("fe", "re", "mixed"), n_hidden=n_hidden, n_latent=n_latent, seed=seed)
     model.train(max_epochs=epochs, batch_size=batch_size, lr=lr, train_indices=split["train"], val_indices=split["val"],
                 progress_bar=progress_bar)
     print(f"trained FE and RE for {epochs} epochs in {time.time() - start:.0f} s")
@@ -93,7 +93,7 @@ def _split_codes(split, n_obs):
     for code, part in enumerate(("train", "val", "test")): codes[split[part]] = code
     return codes
 
-# %% ../nbs/06_cli.ipynb #85b0eb72
+# %% ../nbs/06_cli.ipynb #29049569
 def _counterfactual_anndata(model, adata, *, max_cells=2000, seed=0):
     "Input, FE/RE reconstructions (X) and every batch's counterfactual (layers `to_<batch>`) of a seeded cell sample."
     cells = np.arange(adata.n_obs) if adata.n_obs <= max_cells else np.sort(np.random.default_rng(seed).choice(adata.n_obs, max_cells, replace=False))
@@ -104,7 +104,7 @@ def _counterfactual_anndata(model, adata, *, max_cells=2000, seed=0):
     cf.layers["input"] = sub.X.toarray() if hasattr(sub.X, "toarray") else np.asarray(sub.X)
     cf.layers["fe_reconstruction"] = model.get_reconstruction(sub, kind="fe").astype(np.float32)
     for batch in model.registry["batch_categories"]:
-        cf.layers[f"to_{batch}"] = model.get_counterfactual(sub, transform_batch=batch).astype(np.float32)
+        cf.layers[f"to_{batch}"] = model.get_counterfactual(sub, transform_batch=batch, mode="mixed").astype(np.float32)
     return cf
 
 def _scores(adata, split):
@@ -118,7 +118,7 @@ def _scores(adata, split):
                               train_indices=split["train"], test_indices=split["test"]) for t in targets]
     return pd.concat([scores, *[m.assign(table="mec") for m in mecs]], ignore_index=True)
 
-# %% ../nbs/06_cli.ipynb #bb65863c
+# %% ../nbs/06_cli.ipynb #69b1db4f
 def _figures(out, adata, cf, model):
     "UMAP panel, training curves and counterfactual genomaps as PNG files."
     reg, paths = model.registry, {}
@@ -144,7 +144,7 @@ def _genomaps(cf, model, path):
     pl.plot_genomaps(layout, matrices, counterfactuals=counterfactuals, cells=cells,
                      title=f"mean of {group} cells" if group else "mean of all cells", save=path)
 
-# %% ../nbs/06_cli.ipynb #88cd8ee1
+# %% ../nbs/06_cli.ipynb #4801ed91
 def _report(out, paths, adata, model, epochs):
     "A short Markdown report linking every output."
     scores = pd.read_csv(paths["metrics"])
@@ -161,7 +161,7 @@ def _report(out, paths, adata, model, epochs):
     report.write_text("\n".join(lines) + "\n")
     return report
 
-# %% ../nbs/06_cli.ipynb #4890b390
+# %% ../nbs/06_cli.ipynb #6ebd75cc
 def _parser():
     parser = argparse.ArgumentParser(prog="scmedal", description="scMEDAL: model batch effects with fixed- and random-effects autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,11 +184,12 @@ def _parser():
     cf.add_argument("model", help="folder of a saved model (the `model/` of a run)")
     cf.add_argument("input", help=".h5ad with the model's genes and batch column (log-normalised)")
     cf.add_argument("--to-batch", required=True, help="batch every cell is moved to")
-    cf.add_argument("--mode", choices=["full", "decoder"], default="full")
+    cf.add_argument("--mode", choices=["mixed", "full", "decoder"], default="mixed",
+                    help="mixed: the mixed-effects decoder (recovers known batch effects); full/decoder: the paper's RE variants")
     cf.add_argument("--out", default="counterfactual.h5ad")
     return parser
 
-# %% ../nbs/06_cli.ipynb #2d77b3ea
+# %% ../nbs/06_cli.ipynb #4d0db44a
 def _demo(args):
     adata = data.simulate(n_cells=args.cells, n_genes=1000, n_batches=8, seed=0)
     adata = prepare(adata, batch_key="batch", labels_key="cell_type", condition_key="condition", n_top_genes=500)
@@ -214,7 +215,7 @@ def _read(path):
     if not Path(path).is_file(): raise FileNotFoundError(f"no such file: {path}")
     return ad.read_h5ad(path)
 
-# %% ../nbs/06_cli.ipynb #1ff59373
+# %% ../nbs/06_cli.ipynb #81c3d3e0
 def main(argv: list | None = None) -> int:  # exit code
     "Entry point of the `scmedal` console script."
     args = _parser().parse_args(argv)

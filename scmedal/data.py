@@ -7,7 +7,7 @@ __all__ = ['MIN_SPAN', 'simulate', 'simulated_log_expression', 'check_matrix', '
            'invert_scaling', 'encode', 'setup_anndata', 'kfold_splits', 'AnnDataRows', 'EpochShuffle',
            'SCMEDALDataModule']
 
-# %% ../nbs/00_data.ipynb #7f208fea
+# %% ../nbs/00_data.ipynb #a06d2690
 import warnings
 
 import anndata as ad
@@ -19,7 +19,7 @@ import torch
 from scipy import sparse
 from sklearn.model_selection import StratifiedKFold
 
-# %% ../nbs/00_data.ipynb #bd7aa4e3
+# %% ../nbs/00_data.ipynb #f376ac5a
 def _draw_effects(rng, n_genes, n_groups, prob, scale):
     "Sparse log-fold effects: each gene is affected with probability `prob`, effect ~ N(0, scale²)."
     hit = rng.random((n_groups, n_genes)) < prob
@@ -30,7 +30,7 @@ def _negative_binomial(rng, mean, dispersion):
     rate = rng.gamma(shape=1.0 / dispersion, scale=mean * dispersion)
     return rng.poisson(rate)
 
-# %% ../nbs/00_data.ipynb #d26d4ba9
+# %% ../nbs/00_data.ipynb #09202d1d
 def simulate(
     n_cells: int = 3000,  # number of cells
     n_genes: int = 1000,  # number of genes
@@ -66,7 +66,7 @@ def simulate(
     return _simulated_anndata(counts, batch, cell_type, condition, base, cell_type_effect, condition_effect,
                               batch_effect, dict(seed=seed, dispersion=dispersion, batch_effect_scale=batch_effect_scale))
 
-# %% ../nbs/00_data.ipynb #65101b3d
+# %% ../nbs/00_data.ipynb #0001d018
 def _simulated_anndata(counts, batch, cell_type, condition, base, cell_type_effect, condition_effect, batch_effect, params):
     "Wrap simulated counts and their ground truth in an AnnData."
     n_batches, n_types = len(batch_effect), len(cell_type_effect)
@@ -85,7 +85,7 @@ def _simulated_anndata(counts, batch, cell_type, condition, base, cell_type_effe
     adata.uns["simulation"] = dict(params, batch_categories=batches, cell_type_categories=types)
     return adata
 
-# %% ../nbs/00_data.ipynb #551f6f06
+# %% ../nbs/00_data.ipynb #db881dd4
 def simulated_log_expression(
     adata: ad.AnnData,  # AnnData from `simulate` (optionally preprocessed: genes are read from `var`)
     *,
@@ -101,11 +101,11 @@ def simulated_log_expression(
     if batch == "own":
         log_p = log_p + adata.varm["sim_batch_log_effect"][:, pd.Categorical(adata.obs["batch"], categories=truth["batch_categories"]).codes].T
     elif batch is not None:
-        log_p = log_p + adata.varm["sim_batch_log_effect"][:, truth["batch_categories"].index(batch)]
+        log_p = log_p + adata.varm["sim_batch_log_effect"][:, list(truth["batch_categories"]).index(batch)]
     p = np.exp(log_p - log_p.max(1, keepdims=True))
     return np.log1p(target_sum * p / p.sum(1, keepdims=True))
 
-# %% ../nbs/00_data.ipynb #d484f71f
+# %% ../nbs/00_data.ipynb #0b941fa5
 def _row_blocks(
     X,  # cells × genes: in memory (numpy, scipy sparse) or backed on disk (h5py / anndata sparse dataset)
     indices=None,  # rows to read (default all), read in sorted order
@@ -128,7 +128,7 @@ def _value_stats(block, counts):
     finite = values[finite_mask] if n_bad else values
     return n_bad, finite.min(initial=np.inf), counts and bool(np.any(finite != np.round(finite)))
 
-# %% ../nbs/00_data.ipynb #98ae0f0c
+# %% ../nbs/00_data.ipynb #b5618044
 def check_matrix(
     X,  # cells × genes matrix (dense, sparse, or backed on disk)
     *,
@@ -154,7 +154,7 @@ def _matrix(
         raise KeyError(f"layer {layer!r} is not in adata.layers; available: {list(adata.layers)}")
     return adata.X if layer is None else adata.layers[layer]
 
-# %% ../nbs/00_data.ipynb #8b93c57d
+# %% ../nbs/00_data.ipynb #b4024bc0
 def preprocess(
     adata: ad.AnnData,  # raw counts in X (or in `layer`)
     *,
@@ -182,7 +182,7 @@ def preprocess(
                                         target_sum=target_sum, normalized=normalized)
     return None if inplace else out
 
-# %% ../nbs/00_data.ipynb #bd7108c8
+# %% ../nbs/00_data.ipynb #f7acf63e
 def _as_float_csr(X):
     "A float32 CSR copy of `X` (scipy `csr_matrix`: scanpy's neighbours still need the matrix API)."
     return sparse.csr_matrix(X, dtype=np.float32, copy=True)
@@ -195,7 +195,7 @@ def _select_hvgs(adata, n_top_genes):
         return
     sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, subset=True)
 
-# %% ../nbs/00_data.ipynb #aa129814
+# %% ../nbs/00_data.ipynb #2869f7fd
 def fit_scaling(
     X,  # cells × genes log-expression (dense, sparse, or backed on disk)
     *,
@@ -232,7 +232,7 @@ def invert_scaling(
     "Map min-max scaled values back to log expression: the inverse of `apply_scaling`."
     return x * _span(scaling).astype(np.float32) + scaling["min"]
 
-# %% ../nbs/00_data.ipynb #6bc9be9c
+# %% ../nbs/00_data.ipynb #c68132f8
 def _categories(adata, key, *, allow_nan=False):
     "Observed categories of `adata.obs[key]` in a stable order, with clear errors for missing keys and NaN."
     if key not in adata.obs: raise KeyError(f"'{key}' is not a column of adata.obs; available: {list(adata.obs.columns)}")
@@ -252,7 +252,7 @@ def encode(
     "Encode an obs column with a fixed category order."
     return pd.Categorical(adata.obs[key].astype(str).where(adata.obs[key].notna()), categories=categories).codes.astype(np.int64)
 
-# %% ../nbs/00_data.ipynb #eaa814f2
+# %% ../nbs/00_data.ipynb #998b8312
 def setup_anndata(
     adata: ad.AnnData,  # cells × genes, log-normalised (see `preprocess`)
     *,
@@ -274,7 +274,7 @@ def setup_anndata(
     adata.uns["scmedal"] = registry
     return registry
 
-# %% ../nbs/00_data.ipynb #aa4ada82
+# %% ../nbs/00_data.ipynb #53e05f03
 def kfold_splits(
     adata: ad.AnnData,  # AnnData with the stratification columns in obs
     *,
@@ -300,7 +300,7 @@ def kfold_splits(
     return [dict(train=np.sort(np.concatenate([folds[j] for j in range(n_splits) if j not in (k, (k + 1) % n_splits)])),
                  val=folds[(k + 1) % n_splits], test=folds[k]) for k in range(n_splits)]
 
-# %% ../nbs/00_data.ipynb #2e7f639e
+# %% ../nbs/00_data.ipynb #048e43ee
 class AnnDataRows(torch.utils.data.Dataset):
     "Rows of an AnnData as `{x, batch_index, label}` dicts, read a minibatch at a time."
     def __init__(self,
@@ -328,12 +328,15 @@ class AnnDataRows(torch.utils.data.Dataset):
                     batch_index=self.batch_index[rows], label=self.label[rows])
 
 def _registry(adata):
+    "The registry `setup_anndata` stored, with categories as lists again (an .h5ad round trip makes them arrays)."
     if "scmedal" not in adata.uns: raise KeyError("adata is not registered: call scmedal.data.setup_anndata(adata, batch_key=...) first")
-    return adata.uns["scmedal"]
+    return {k: _as_list(v) if k.endswith("_categories") else v for k, v in adata.uns["scmedal"].items()}
+
+def _as_list(categories): return None if categories is None else [str(c) for c in categories]
 
 def _identity(batch): return batch
 
-# %% ../nbs/00_data.ipynb #3f1553e6
+# %% ../nbs/00_data.ipynb #2f085801
 class EpochShuffle(torch.utils.data.Sampler):
     "A random order per epoch that depends only on (seed, epoch), so epoch e is shuffled the same however training got there."
     def __init__(self,
@@ -349,7 +352,7 @@ class EpochShuffle(torch.utils.data.Sampler):
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
         yield from torch.randperm(self.n, generator=generator).tolist()
 
-# %% ../nbs/00_data.ipynb #dfb8ec43
+# %% ../nbs/00_data.ipynb #c43b8b5b
 class SCMEDALDataModule(L.LightningDataModule):
     "Train/val/test/predict loaders over a registered AnnData; scaling fitted on the training cells."
     def __init__(self,

@@ -7,7 +7,7 @@ __all__ = ['KERAS_BN_MOMENTUM', 'KERAS_BN_EPS', 'DEFAULT_LOSS_WEIGHTS', 'PAPER_L
            'batch_norm', 'Encoder', 'TiedDecoder', 'Classifier', 'LossOutput', 'classification_terms', 'loss_weights',
            'FixedEffectsModule', 'adam', 'TrainingPlan', 'AdversarialTrainingPlan']
 
-# %% ../nbs/01_fixed_effects.ipynb #76ed185f
+# %% ../nbs/01_fixed_effects.ipynb #097cd9f8
 import inspect
 from dataclasses import dataclass, field
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# %% ../nbs/01_fixed_effects.ipynb #079cafc9
+# %% ../nbs/01_fixed_effects.ipynb #97f7c4ce
 KERAS_BN_MOMENTUM = 0.01  # Keras momentum 0.99, written the PyTorch way (weight of the new batch)
 KERAS_BN_EPS = 1e-3
 
@@ -35,7 +35,7 @@ def batch_norm(n_features: int, # number of features
     "An `nn.BatchNorm1d` with the Keras defaults (momentum 0.99, i.e. PyTorch 0.01; eps 1e-3)."
     return nn.BatchNorm1d(n_features, momentum=momentum, eps=KERAS_BN_EPS)
 
-# %% ../nbs/01_fixed_effects.ipynb #a91f1bba
+# %% ../nbs/01_fixed_effects.ipynb #806d3c8f
 class Encoder(nn.Module):
     "Dense encoder: per hidden width Linear → [BatchNorm] → SELU, then a SELU-activated latent Linear."
     def __init__(self,
@@ -64,7 +64,7 @@ class Encoder(nn.Module):
         activations.append(F.selu(self.linears[-1](h)))
         return activations if return_all else activations[-1]
 
-# %% ../nbs/01_fixed_effects.ipynb #9186b4ce
+# %% ../nbs/01_fixed_effects.ipynb #55ca553d
 class TiedDecoder(nn.Module):
     "Decoder that reuses the encoder's Linear weights transposed, with its own zero-initialised biases."
     def __init__(self,
@@ -84,7 +84,7 @@ class TiedDecoder(nn.Module):
             if i < last: h = F.selu(h)
         return h
 
-# %% ../nbs/01_fixed_effects.ipynb #90e0e62b
+# %% ../nbs/01_fixed_effects.ipynb #3f6feda2
 class Classifier(nn.Module):
     "MLP head: hidden Linear + ReLU layers, then a Linear layer returning logits."
     def __init__(self,
@@ -99,7 +99,7 @@ class Classifier(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor: return self.layers(h)
 
-# %% ../nbs/01_fixed_effects.ipynb #bf8025c2
+# %% ../nbs/01_fixed_effects.ipynb #052d3f30
 @dataclass
 class LossOutput:
     "Loss of one minibatch: `total_loss` is optimised, `terms` and `metrics` are logged."
@@ -120,13 +120,14 @@ def classification_terms(logits: Tensor, # (n, K) logits
     acc = (logits.argmax(1) == target).sum() / n_known
     return ce, acc
 
-# %% ../nbs/01_fixed_effects.ipynb #5498eefa
+# %% ../nbs/01_fixed_effects.ipynb #0c28964c
 DEFAULT_LOSS_WEIGHTS = {
     "ae": dict(w_recon=1.0),
     "aec": dict(w_recon=100.0, w_class=0.1),
     "fe": dict(w_recon=4000.0, w_gen=1.0),
     "fec": dict(w_recon=2000.0, w_gen=1.0, w_class=1.0),
     "re": dict(w_recon=110.0, w_latent_batch=0.1, kl_weight=1e-5),
+    "mixed": dict(w_recon=110.0, kl_weight=1e-5),  # not in the paper: RE's reconstruction and KL weights
 }
 _PAPER_OVERRIDES = {
     "aml": {"aec": dict(w_class=0.6), "fe": dict(w_recon=1000.0), "fec": dict(w_gen=0.5, w_class=3.0)},
@@ -136,14 +137,14 @@ _PAPER_OVERRIDES = {
 PAPER_LOSS_WEIGHTS = {dataset: {kind: {**w, **over.get(kind, {})} for kind, w in DEFAULT_LOSS_WEIGHTS.items()}
                       for dataset, over in _PAPER_OVERRIDES.items()}
 
-def loss_weights(kind: str, # model kind: 'ae', 'aec', 'fe', 'fec' or 're'
+def loss_weights(kind: str, # model kind: 'ae', 'aec', 'fe', 'fec', 're' or 'mixed'
                  dataset: str | None = None, # 'aml', 'asd', 'hh' for the paper's values, None for the fallback
                 ) -> dict[str, float]:
     "The paper's loss weights for a model kind, on a named dataset or the fallback."
     table = DEFAULT_LOSS_WEIGHTS if dataset is None else PAPER_LOSS_WEIGHTS[dataset.lower()]
     return dict(table[kind])
 
-# %% ../nbs/01_fixed_effects.ipynb #285ba88d
+# %% ../nbs/01_fixed_effects.ipynb #e79e59e6
 FE_BN_MOMENTUM = 1 - (1 - KERAS_BN_MOMENTUM) ** 2  # one update worth two Keras updates with the same batch
 
 class FixedEffectsModule(nn.Module):
@@ -213,7 +214,7 @@ class FixedEffectsModule(nn.Module):
             total = total + w_class * terms["class_loss"]
         return LossOutput(total, terms, metrics)
 
-# %% ../nbs/01_fixed_effects.ipynb #b48b4ee8
+# %% ../nbs/01_fixed_effects.ipynb #1bea0646
 def adam(params, # parameters or parameter groups
          *,
          lr: float = 1e-4, # learning rate
@@ -224,7 +225,7 @@ def adam(params, # parameters or parameter groups
     try: return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
     except (RuntimeError, ValueError): return torch.optim.Adam(params, lr=lr, eps=eps)
 
-# %% ../nbs/01_fixed_effects.ipynb #07cbf113
+# %% ../nbs/01_fixed_effects.ipynb #34d5a61e
 class TrainingPlan(L.LightningModule):
     "Lightning plan with one Adam optimiser: minimises `module.loss(...).total_loss`, logs every term."
     def __init__(self,
@@ -256,7 +257,7 @@ class TrainingPlan(L.LightningModule):
     def configure_optimizers(self):
         return adam(self.module.parameters(), lr=self.lr, eps=self.eps)
 
-# %% ../nbs/01_fixed_effects.ipynb #3e27072a
+# %% ../nbs/01_fixed_effects.ipynb #ae1219d8
 class AdversarialTrainingPlan(TrainingPlan):
     "Manual optimisation for scMEDAL-FE/FEC: an adversary step, then an autoencoder step against it."
     def __init__(self,
