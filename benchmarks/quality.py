@@ -8,14 +8,16 @@ PCA(50) on the min-max scaled training cells (spec §5.1), then score the fold's
 * the mixed-effects classifier for the condition: a random forest on FE, FE + RE, PCA, PCA + RE, and chance
   (spec §3.8, §8.5 layout).
 
-scVI and Harmony are added when they are importable (`pip install scvi-tools harmonypy`); scVI is given the
-raw counts (the paper fed it min-max scaled log data, spec §10.10). With `--folds 5` every table shows the
-mean [95 % CI] over folds.
+scVI and Harmony (`scmedal.peers`) are added when they are importable (`pip install "scmedal[bench]"`); scVI is
+given the raw counts (the paper fed it min-max scaled log data, spec §10.10) and stops early as scvi-tools does by
+default. With `--folds 5` every table shows the mean [95 % CI] over folds.
 
     python benchmarks/quality.py data.h5ad --batch-key donor --labels-key cell_type [--condition-key disease]
-        [--epochs 500] [--lr 1e-4] [--folds 1] [--dataset aml] [--out results/]
+        [--epochs 500] [--lr 1e-4] [--patience N] [--folds 1] [--dataset aml] [--threads N] [--out results/]
 
-On a CPU, use fewer epochs and a larger learning rate, e.g. `--epochs 30 --lr 1e-3`.
+On a CPU, use a 10x larger learning rate with early stopping, `--lr 1e-3 --patience 10`: on AML, FE and RE then
+stop after tens to a couple of hundred epochs with the scores of longer training (`benchmarks/convergence.py`),
+where at 1e-4 RE is still far from converged after 200 epochs.
 """
 import argparse
 import logging
@@ -24,55 +26,28 @@ import warnings
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
 import pandas as pd
 import torch
-from sklearn.decomposition import PCA
 
-from scmedal import data, metrics
+from scmedal import data, metrics, peers
 from scmedal.cli import prepare
 from scmedal.model import SCMEDAL
 
 NAMES = {"X_pca": "PCA", "X_ae": "AE", "X_fe": "scMEDAL-FE", "X_re": "scMEDAL-RE", "X_scvi": "scVI", "X_harmony": "Harmony"}
 
 
-def pca_baseline(adata, train, scaling, n_components=50, seed=0):
-    "The paper's PCA: fitted on the min-max scaled training cells, applied to every cell (cells × n_components)."
-    X = data.apply_scaling(adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X), scaling)
-    return PCA(n_components=n_components, random_state=seed).fit(X[train]).transform(X)
-
-
-def scvi_latent(adata, batch_key, train, epochs, seed=0):
-    "scVI (the paper's settings, spec §7) trained on the training cells' raw counts; latent of every cell."
-    import scvi
-    if "counts" not in adata.layers: raise ValueError("no raw counts in layers['counts'] (input was log-normalised)")
-    scvi.settings.seed = seed
-    setup = lambda a: scvi.model.SCVI.setup_anndata(a, layer="counts", batch_key=batch_key)
-    train_data, every = adata[train].copy(), adata.copy()
-    setup(train_data); setup(every)
-    model = scvi.model.SCVI(train_data, n_latent=50, n_layers=2, n_hidden=132, gene_likelihood="zinb", dispersion="gene")
-    model.train(max_epochs=epochs, batch_size=512, early_stopping=True)
-    return model.get_latent_representation(every)
-
-
-def harmony_latent(adata, batch_key, scaling, seed=0):
-    "Harmony on PCA(50) of all cells together (transductive, as the paper ran it, spec §7)."
-    import harmonypy
-    X = data.apply_scaling(adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X), scaling)
-    pcs = PCA(n_components=50, random_state=seed).fit_transform(X)
-    Z = np.asarray(harmonypy.run_harmony(pcs, adata.obs, batch_key, random_state=seed).Z_corr)
-    return Z if Z.shape[0] == adata.n_obs else Z.T
-
-
 def optional_baselines(adata, split, args, scaling):
-    "Latents of the peer methods that can be imported; a line for each one skipped."
-    reg, latents = adata.uns["scmedal"], {}
-    runs = {"X_scvi": lambda: scvi_latent(adata, reg["batch_key"], split["train"], args.epochs, args.seed),
-            "X_harmony": lambda: harmony_latent(adata, reg["batch_key"], scaling, args.seed)}
+    "Latents of the peer methods that can be imported (`scmedal.peers`); a line for each one skipped."
+    batch_key, latents = adata.uns["scmedal"]["batch_key"], {}
+    runs = {"X_scvi": lambda: peers.scvi_latent(adata, batch_key=batch_key, train_indices=split["train"], max_epochs=args.epochs,
+                                                batch_size=args.batch_size, seed=args.seed),
+            "X_harmony": lambda: peers.harmony_latent(adata, batch_key=batch_key, scaling=scaling, seed=args.seed)}
     for key, run in runs.items():
+        start = time.time()
         try: latents[key] = run()
-        except ImportError as e: print(f"  {NAMES[key]} skipped: not installed ({e.name})")
-        except ValueError as e: print(f"  {NAMES[key]} skipped: {e}")
+        except ImportError as e: print(f"  {NAMES[key]} skipped: not installed ({e.name})"); continue
+        except ValueError as e: print(f"  {NAMES[key]} skipped: {e}"); continue
+        print(f"  {NAMES[key]} in {time.time() - start:.0f} s", flush=True)
     return latents
 
 
@@ -82,10 +57,12 @@ def run_fold(adata, split, args):
     start = time.time()
     model = SCMEDAL(adata, models=("ae", "fe", "re"), dataset=args.dataset, seed=args.seed)
     model.train(max_epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, train_indices=split["train"],
-                val_indices=split["val"], progress_bar=False)
-    print(f"  AE, FE, RE trained for {args.epochs} epochs in {time.time() - start:.0f} s", flush=True)
+                val_indices=split["val"], early_stopping=args.patience is not None, patience=args.patience or 0,
+                progress_bar=False)
+    epochs = {kind: len(history) for kind, history in model.history.items()}
+    print(f"  AE, FE, RE trained for {epochs} epochs in {time.time() - start:.0f} s", flush=True)
     for kind in ("ae", "fe", "re"): adata.obsm[f"X_{kind}"] = model.get_latent_representation(kind=kind)
-    adata.obsm["X_pca"] = pca_baseline(adata, split["train"], model.scaling, seed=args.seed)
+    adata.obsm["X_pca"] = peers.pca_latent(adata, train_indices=split["train"], scaling=model.scaling, seed=args.seed)
     adata.obsm.update(optional_baselines(adata, split, args, model.scaling))
     reps = [k for k in NAMES if k in adata.obsm]
     scores = metrics.clustering_scores(adata[split["test"]], use_rep=reps, batch_key=reg["batch_key"], labels_key=reg["labels_key"])
@@ -118,6 +95,8 @@ def main(argv=None):
     parser.add_argument("--condition-key", help="obs column with a sample-level target for the MEC, e.g. disease")
     parser.add_argument("--epochs", type=int, default=500, help="epochs per network (the paper: 500)")
     parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (the paper: 1e-4)")
+    parser.add_argument("--patience", type=int, help="stop AE/FE/RE when the validation reconstruction loss has not "
+                        "improved for this many epochs (default: train every epoch, as the paper)")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--folds", type=int, choices=[1, 5], default=1, help="fold 1 only, or all five")
     parser.add_argument("--dataset", choices=["aml", "asd", "hh"], help="the paper's tuned loss weights for this dataset")
@@ -126,13 +105,13 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch threads; 1 is much faster on a CPU shared with other jobs")
     parser.add_argument("--out", help="folder to write scores.csv and mec.csv into")
     args = parser.parse_args(argv)
-    if args.threads: torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*|.*treespec.*")
 
     adata = prepare(ad.read_h5ad(args.path), batch_key=args.batch_key, labels_key=args.labels_key,
                     condition_key=args.condition_key, n_top_genes=args.n_top_genes)
     splits = data.kfold_splits(adata, batch_key=args.batch_key, labels_key=args.labels_key)
+    if args.threads: torch.set_num_threads(args.threads)  # after preprocessing: scanpy's numba kernels reset torch's threads
     scores, mecs = [], []
     for k in range(args.folds):
         print(f"fold {k + 1}: {len(splits[k]['train'])} train / {len(splits[k]['val'])} val / {len(splits[k]['test'])} test cells", flush=True)

@@ -41,6 +41,7 @@ def simulate(
     de_prob: float = 0.1,  # fraction of genes differentially expressed per cell type
     de_scale: float = 1.0,  # sd of the cell-type log fold changes
     condition_de_prob: float = 0.02,  # fraction of genes changed by the disease condition
+    composition_concentration: float = 5.0,  # Dirichlet concentration of each donor's cell-type mix; small = donors differ
     library_log_mean: float = 8.0,  # mean of log library size
     library_log_sd: float = 0.3,  # sd of log library size
     dispersion: float = 0.2,  # negative-binomial dispersion φ
@@ -48,13 +49,14 @@ def simulate(
 ) -> ad.AnnData:  # raw counts in X (CSR), `batch`/`cell_type`/`condition` in obs, truth in var/varm/uns
     "Simulate negative-binomial scRNA-seq counts with cell types, donors and a known per-batch gene effect."
     if n_batches < 2: raise ValueError(f"n_batches must be at least 2, got {n_batches}")
+    if composition_concentration <= 0: raise ValueError(f"composition_concentration must be positive, got {composition_concentration}")
     rng = np.random.default_rng(seed)
     base = rng.gamma(0.6, 1 / 0.3, n_genes) + 1e-3
     cell_type_effect = _draw_effects(rng, n_genes, n_cell_types, de_prob, de_scale)
     condition_effect = np.vstack([np.zeros(n_genes), _draw_effects(rng, n_genes, 1, condition_de_prob, de_scale)[0]])
     batch_effect = rng.normal(0.0, batch_effect_scale, (n_batches, n_genes))
     batch = rng.choice(n_batches, n_cells, p=rng.dirichlet(np.full(n_batches, 10.0)))
-    type_probs = rng.dirichlet(np.full(n_cell_types, 5.0), n_batches)
+    type_probs = rng.dirichlet(np.full(n_cell_types, composition_concentration), n_batches)
     cell_type = np.array([rng.choice(n_cell_types, p=type_probs[b]) for b in batch])
     donor_condition = (np.arange(n_batches) >= n_batches // 2).astype(int)
     condition = donor_condition[batch]
@@ -175,7 +177,9 @@ def preprocess(
     sc.pp.filter_cells(out, min_genes=min_genes)
     sc.pp.filter_genes(out, min_cells=min_cells)
     if not normalized:
+        threads = torch.get_num_threads()
         sc.pp.normalize_total(out, target_sum=target_sum)
+        torch.set_num_threads(threads)  # scanpy's numba kernel can reset the OpenMP runtime torch shares
         sc.pp.log1p(out)
     _select_hvgs(out, n_top_genes)
     out.uns["scmedal_preprocess"] = dict(n_top_genes=n_top_genes, min_genes=min_genes, min_cells=min_cells,
@@ -223,7 +227,9 @@ def apply_scaling(
     scaling: dict,  # parameters from `fit_scaling`
 ) -> np.ndarray:  # scaled float32 rows
     "Min-max scale dense rows with fitted parameters."
-    return ((x - scaling["min"]) / _span(scaling)).astype(np.float32)
+    scaled = np.subtract(x, scaling["min"], dtype=np.float32)  # a new array: x is never changed
+    scaled /= _span(scaling)
+    return scaled
 
 def invert_scaling(
     x: np.ndarray,  # scaled values (..., genes), e.g. a network's output

@@ -7,7 +7,7 @@ __all__ = ['KINDS', 'MixedEffectsDecoder', 'build_module', 'training_plan', 'His
            'get_latent_representation', 'get_reconstruction', 'posterior_sampling', 'get_counterfactual',
            'get_random_effects', 'save', 'load', 'train_kfold']
 
-# %% ../nbs/03_mixed_model.ipynb #71a8aabd
+# %% ../nbs/03_mixed_model.ipynb #ee46a7e4
 import contextlib
 import copy
 import os
@@ -26,7 +26,7 @@ from . import data
 from .fixed_effects import AdversarialTrainingPlan, FixedEffectsModule, LossOutput, TrainingPlan
 from .random_effects import RandomEffectsDecoder, RandomEffectsModule
 
-# %% ../nbs/03_mixed_model.ipynb #5ff71c99
+# %% ../nbs/03_mixed_model.ipynb #854caa3d
 class MixedEffectsDecoder(torch.nn.Module):
     "Counterfactual decoder: the frozen FE encoder's batch-centred latent, decoded through RE scale/shift blocks."
     kind = "mixed"
@@ -98,7 +98,7 @@ class MixedEffectsDecoder(torch.nn.Module):
         terms = {"recon_loss": F.mse_loss(out["x_hat"], batch["x"]), "kl_loss": kl_weight * self.kl_divergence()}
         return LossOutput(w_recon * terms["recon_loss"] + terms["kl_loss"], terms)
 
-# %% ../nbs/03_mixed_model.ipynb #eba181e0
+# %% ../nbs/03_mixed_model.ipynb #ab797d1e
 KINDS = ("ae", "aec", "fe", "fec", "re", "mixed")
 
 def build_module(
@@ -127,7 +127,7 @@ def training_plan(
     "The Lightning plan that optimises a module: two optimisers for FE/FEC, one otherwise."
     return (AdversarialTrainingPlan if kind in ("fe", "fec") else TrainingPlan)(module, **kwargs)
 
-# %% ../nbs/03_mixed_model.ipynb #2c52a427
+# %% ../nbs/03_mixed_model.ipynb #b0c33c72
 class History(L.Callback):
     "Collect the epoch-level logged metrics of a fit into a DataFrame (one row per epoch)."
     def __init__(self,
@@ -141,7 +141,7 @@ class History(L.Callback):
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows).set_index("epoch") if self.rows else pd.DataFrame()
 
-# %% ../nbs/03_mixed_model.ipynb #ece1d951
+# %% ../nbs/03_mixed_model.ipynb #67867dc5
 def _build_modules(registry, n_genes, params):
     "One module per model kind in `params['models']`, sized by the registry's batches and labels; 'mixed' last."
     n_labels = len(registry["label_categories"]) if registry["labels_key"] else None
@@ -179,7 +179,7 @@ class SCMEDAL:
         return (f"SCMEDAL({', '.join(self.modules)}; {len(self.var_names)} genes, "
                 f"{len(self.registry['batch_categories'])} batches of '{self.registry['batch_key']}'; {state})")
 
-# %% ../nbs/03_mixed_model.ipynb #6f8b3117
+# %% ../nbs/03_mixed_model.ipynb #129a359b
 class _TrainingState(L.Callback):
     "Record, and on resume restore, what the next epoch depends on besides the weights: Adam's moments and torch's random state."
     def __init__(self,
@@ -196,7 +196,7 @@ class _TrainingState(L.Callback):
         self.state = dict(epochs=self.epochs + trainer.current_epoch, torch_rng=torch.get_rng_state(),
                           optimizers=[copy.deepcopy(o.state_dict()) for o in trainer.optimizers])
 
-# %% ../nbs/03_mixed_model.ipynb #94939554
+# %% ../nbs/03_mixed_model.ipynb #f7ba61b9
 def ddp_strategy(strategy):  # a Lightning strategy name or object
     "A DDP strategy *name* gets its `find_unused_parameters` variant: FE's two optimisers each step part of the model."
     if isinstance(strategy, str) and strategy.startswith("ddp") and "find_unused" not in strategy:
@@ -210,7 +210,7 @@ def _trainer(max_epochs, callbacks, *, progress_bar, accelerator, devices, strat
                      enable_model_summary=False, enable_progress_bar=progress_bar,
                      default_root_dir=tempfile.gettempdir(), **kwargs)
 
-# %% ../nbs/03_mixed_model.ipynb #81df9c0e
+# %% ../nbs/03_mixed_model.ipynb #c38f28fa
 def _train(self: SCMEDAL,
            *,
            max_epochs: int = 500,  # epochs per model (the paper: 500)
@@ -260,7 +260,7 @@ def _train(self: SCMEDAL,
 
 SCMEDAL.train = _train
 
-# %% ../nbs/03_mixed_model.ipynb #c5bcd41f
+# %% ../nbs/03_mixed_model.ipynb #dee07d20
 def _aligned(self: SCMEDAL, adata):
     "The AnnData with the model's genes in the model's order; an error names the genes that are missing."
     if adata is None and self.adata is None: raise ValueError("this model was loaded without data: pass adata=... (or SCMEDAL.load(path, adata))")
@@ -289,7 +289,7 @@ def _check_obs(self: SCMEDAL, adata):
 
 SCMEDAL._aligned, SCMEDAL._rows, SCMEDAL._check_obs = _aligned, _rows, _check_obs
 
-# %% ../nbs/03_mixed_model.ipynb #0876cd01
+# %% ../nbs/03_mixed_model.ipynb #6bdc28ef
 def _module(self: SCMEDAL, kind):
     if kind not in self.modules: raise ValueError(f"this model has no {kind!r} network; it has {list(self.modules)}")
     return self.modules[kind].eval()
@@ -305,7 +305,7 @@ def _unscale(self: SCMEDAL, x):
 
 SCMEDAL._module, SCMEDAL._map, SCMEDAL._unscale = _module, _map, _unscale
 
-# %% ../nbs/03_mixed_model.ipynb #d6932ea4
+# %% ../nbs/03_mixed_model.ipynb #94181a34
 def get_latent_representation(self: SCMEDAL,
                               adata: ad.AnnData | None = None,  # default: the training AnnData
                               *,
@@ -340,7 +340,7 @@ def _warn_unseen(self: SCMEDAL, adata):
 
 SCMEDAL.get_latent_representation, SCMEDAL.get_reconstruction, SCMEDAL._warn_unseen = get_latent_representation, get_reconstruction, _warn_unseen
 
-# %% ../nbs/03_mixed_model.ipynb #271f042d
+# %% ../nbs/03_mixed_model.ipynb #2a1fc3dc
 @contextlib.contextmanager
 def posterior_sampling(module: torch.nn.Module):
     "Within this context the module's random-effects layers sample from their posterior; everything else stays in eval mode."
@@ -383,7 +383,7 @@ def get_counterfactual(self: SCMEDAL,
 
 SCMEDAL._batch_code, SCMEDAL.get_counterfactual = _batch_code, get_counterfactual
 
-# %% ../nbs/03_mixed_model.ipynb #959b6e98
+# %% ../nbs/03_mixed_model.ipynb #673d5ee4
 def get_random_effects(self: SCMEDAL,
                        kind: str = "re",  # 're' (scMEDAL-RE) or 'mixed' (the mixed-effects decoder)
                       ) -> pd.DataFrame:  # columns batch, layer, parameter, unit, mean, sd
@@ -404,7 +404,7 @@ def get_random_effects(self: SCMEDAL,
 
 SCMEDAL.get_random_effects = get_random_effects
 
-# %% ../nbs/03_mixed_model.ipynb #f1d5eaad
+# %% ../nbs/03_mixed_model.ipynb #d404b609
 def save(self: SCMEDAL,
          path,  # folder to write `model.pt` into (created if needed)
          *,
@@ -443,7 +443,7 @@ def load(cls,
 
 SCMEDAL.save, SCMEDAL.load = save, load
 
-# %% ../nbs/03_mixed_model.ipynb #6cc1d0f9
+# %% ../nbs/03_mixed_model.ipynb #d90652ae
 def train_kfold(
     adata: ad.AnnData,  # registered AnnData
     *,

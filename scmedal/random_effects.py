@@ -42,9 +42,10 @@ def sampled_kl(u: Tensor, eps: Tensor, sigma: Tensor, prior_scale: float) -> Ten
 # %% ../nbs/02_random_effects.ipynb #df3759aa
 def batch_rows(table: Tensor, # (B, F) one row per batch
                batch_index: Tensor, # (n,) batch of each cell; -1 for a batch not seen in training
+               unseen: float = 0.0, # the value for cells of unseen batches: the prior mean of the row
               ) -> Tensor: # (n, F)
-    "Each cell's row of `table`; cells of unseen batches (-1) get the prior mean, zero."
-    return F.embedding(batch_index.clamp(min=0), table).masked_fill((batch_index < 0)[:, None], 0.0)
+    "Each cell's row of `table`; cells of unseen batches (-1) get `unseen` in every column."
+    return F.embedding(batch_index + 1, F.pad(table, (0, 0, 1, 0), value=unseen))  # padded row 0 serves batch -1
 
 # %% ../nbs/02_random_effects.ipynb #4aeed454
 class RandomEffects(nn.Module):
@@ -70,18 +71,22 @@ class RandomEffects(nn.Module):
         "Posterior sd $\\sigma = 10^{-5} + \\mathrm{softplus}(\\rho)$, shape (B, F)."
         return 1e-5 + F.softplus(self.rho)
 
-    def forward(self,
-                batch_index: Tensor, # (n,) batch of each cell
-               ) -> Tensor: # (n, F) the row of each cell's batch
+    def table(self) -> Tensor: # (B, F)
+        "The effects of every batch: one sample of the posterior in training (KL kept in `kl`), its mean in eval."
         if not self.training:
             self.kl = self.mu.new_zeros(())
-            return batch_rows(self.mu, batch_index)
+            return self.mu
         sigma = self.sigma
         eps = torch.randn_like(sigma)
         u = self.mu + sigma * eps  # one sample, shared by the minibatch
         self.kl = (sampled_kl(u, eps, sigma, self.prior_scale) if self.kl_estimator == "sample"
                    else gaussian_kl(self.mu, sigma, self.prior_scale))
-        return batch_rows(u, batch_index)
+        return u
+
+    def forward(self,
+                batch_index: Tensor, # (n,) batch of each cell
+               ) -> Tensor: # (n, F) the row of each cell's batch
+        return batch_rows(self.table(), batch_index)
 
 # %% ../nbs/02_random_effects.ipynb #f29d242d
 class ScaleBiasBlock(nn.Module):
@@ -97,7 +102,8 @@ class ScaleBiasBlock(nn.Module):
         self.beta = RandomEffects(n_batches, n_units, **re_kwargs)
 
     def forward(self, h: Tensor, batch_index: Tensor) -> Tensor:
-        return torch.addcmul(self.beta(batch_index), self.bn(h), 1 + self.gamma(batch_index))
+        scale = batch_rows(1 + self.gamma.table(), batch_index, unseen=1.0)  # 1 + gamma_b, gathered once
+        return self.bn(h) * scale + self.beta(batch_index)
 
 # %% ../nbs/02_random_effects.ipynb #81470275
 class RandomEffectsEncoder(nn.Module):

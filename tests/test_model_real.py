@@ -38,3 +38,15 @@ def test_aml_re_latent_separates_patients_more_than_fe(aml_model):
     scores = metrics.clustering_scores(test, use_rep=["X_scmedal_fe", "X_scmedal_re"], batch_key="patient", labels_key="cell_type")
     asw = scores[(scores.label == "batch") & (scores.metric == "ASW")].set_index("embedding").value
     assert asw["X_scmedal_re"] > asw["X_scmedal_fe"]
+
+
+def test_preprocess_keeps_torch_thread_count(data_dir):
+    "scanpy's normalize_total (numba, OpenMP) resets torch's threads on these data; preprocess must restore them."
+    import torch
+    raw, before = datasets.vangalen2019_aml(data_dir=data_dir), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        data.preprocess(raw, n_top_genes=500)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
