@@ -38,10 +38,11 @@ def batch_shifts(z: torch.Tensor,  # (n, L) latents of the training cells
                  n_batches: int,  # number of batches B
                 ) -> torch.Tensor:  # (B, L), averaging zero over batches
     "Each batch's offset in latent space: the batch term of the fit z ≈ type mean + batch shift, or the batch mean without labels."
+    device, (z, batch_index, label) = z.device, (t.cpu() for t in (z, batch_index, label))  # small; gelsd runs on the CPU
     known = label >= 0
     if not known.any():
         means = _group_means(z, batch_index, n_batches)[0]
-        return means - means.mean(0)
+        return (means - means.mean(0)).to(device)
     z, batch_index, label = z[known], batch_index[known], label[known]
     n_types = int(label.max()) + 1
     group_means, sizes = _group_means(z, batch_index * n_types + label, n_batches * n_types)  # row b·T + t
@@ -49,7 +50,7 @@ def batch_shifts(z: torch.Tensor,  # (n, L) latents of the training cells
     weight = sizes.sqrt()[:, None].double()  # least squares over cells = weighted least squares over groups
     coef = torch.linalg.lstsq(weight * design.double(), weight * group_means.double(), driver="gelsd").solution
     shifts = coef[:n_batches].float()  # the fit fixes shifts up to a common constant: centre them
-    return shifts - shifts.mean(0)
+    return (shifts - shifts.mean(0)).to(device)
 
 # %% ../nbs/03_mixed_model.ipynb #33d7d581
 class MixedEffectsDecoder(torch.nn.Module):
