@@ -19,14 +19,13 @@ mixes, 0.5 very different ones, as between patients with their own malignant cel
     python benchmarks/counterfactual_recovery.py [--concentration 5 0.5] [--seeds 0 1] [--epochs 100] [--threads 1]
 """
 import argparse
-import logging
-import warnings
 
 import numpy as np
 import pandas as pd
 import torch
 
 from scmedal import SCMEDAL, data
+from speed import quiet
 
 PAIRS = [("donor0", "donor1"), ("donor2", "donor5"), ("donor3", "donor4")]
 
@@ -75,8 +74,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*treespec.*|.*does not have many workers.*|.*logging interval.*|.*unseen.*")
+    quiet()
     results = []
     for concentration in args.concentration:
         for seed in args.seeds:

@@ -78,14 +78,14 @@ class MixedEffectsDecoder(torch.nn.Module):
 
     @torch.no_grad()
     def fit_batch_shifts(self, minibatches):  # dicts with x, batch_index and (optional) label: the training cells
-        "Set each batch's shift (`batch_shifts`) from the training cells' FE latents, and their average for unseen batches."
+        "Set each batch's shift (`batch_shifts`) from the training cells' FE latents; unseen batches get zero, the average."
         z, batch, label = [], [], []
         for b in minibatches:
             z.append(self.content_encoder.eval()(b["x"]))
             batch.append(b["batch_index"])
             label.append(b.get("label", torch.full_like(b["batch_index"], -1)))
         shifts = batch_shifts(torch.cat(z), torch.cat(batch), torch.cat(label), len(self.batch_shifts) - 1)
-        self.batch_shifts.copy_(torch.cat([shifts, shifts.mean(0, keepdim=True)]))
+        self.batch_shifts.copy_(F.pad(shifts, (0, 0, 0, 1)))  # the shifts average zero: a zero last row
 
     def encode(self, x: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
         "The content $c$: FE latent minus its batch's shift."
