@@ -23,6 +23,15 @@ own), one after the other, and the script prints per model:
 * a quality check that the stopping rule does not cost quality: batch ASW and cell-type ASW of each latent on
   the fold's test cells (`scmedal.metrics.clustering_scores`), next to the paper's 5-fold means.
 
+Then the same speed figures for FE and RE on simulated data of the same size (`scmedal.data.simulate`: 11,731
+cells, the 2,916 most variable of 5,832 genes, 14 batches, preprocessed like the AML data; the AML fold's
+training and test sizes), trained for a fixed number of epochs (`--sim-epochs`, no validation), so that the speed
+can be checked without the AML file and compared between real and simulated sparsity.
+
+Every model process first frees one ~32 MB block (`scmedal.fixed_effects.reuse_heap_for_step_tensors`, which
+scMEDAL's training plans call at fit start): glibc's malloc then reuses the step's multi-MB tensors from its heap
+instead of mapping and page-faulting them anew each step. scVI gets the same allocator state.
+
 What the count finds per cell (forward multiply-adds; G = 2,916 genes, B = 14 batches), for reference:
   FE: encoder G·512 + 512·132 + 132·50 = 1.567 M, tied decoder the same, adversary on all activations
       (512 + 132 + 50)·512 + 512·132 + 132·B = 0.425 M, run twice per step (adversary step, autoencoder step).
@@ -36,9 +45,9 @@ What the count finds per cell (forward multiply-adds; G = 2,916 genes, B = 14 ba
       dispersion is a parameter): 1.21 M forward, 3 x that - G·132 = 3.25 M per step.
 
     python benchmarks/speed.py [--threads N] [--lr 1e-3] [--patience 10] [--max-epochs 500] [--models fe re scvi]
-        [--quick] [--out speed.json]
+        [--sim-epochs 10] [--quick] [--out speed.json]
 
-`--quick` trains every model for 3 epochs (about 2 minutes): a smoke run of the script, not a measurement.
+`--quick` trains every model for 3 epochs (about 3 minutes): a smoke run of the script, not a measurement.
 The machine is shared: compare models only within one run.
 """
 import argparse
@@ -62,6 +71,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scmedal import data, datasets, metrics, peers
+from scmedal.fixed_effects import reuse_heap_for_step_tensors
 from scmedal.model import SCMEDAL
 
 BATCH_SIZE, SEED, BATCH_KEY, LABELS_KEY = 512, 0, "patient", "cell_type"
@@ -180,12 +190,13 @@ def count_step(kind, adata, split, args):
     return recorder.calls
 
 
-def measure(kind, path, args):
-    "Everything the script reports about one model, measured in this (fresh) process."
+def measure(kind, path, name, args):
+    "Everything the script reports about one model on data set `name` ('aml' or 'simulated'), measured in this (fresh) process."
     quiet()
     torch.set_num_threads(args.threads)
-    adata = ad.read_h5ad(path / "fold.h5ad")
-    split = dict(np.load(path / "split.npz"))
+    reuse_heap_for_step_tensors()  # what scMEDAL's training plans do at fit start, for scVI too
+    adata = ad.read_h5ad(path / f"{name}.h5ad")
+    split = dict(np.load(path / f"{name}_split.npz"))
     calls = count_step(kind, adata, split, args)
     macs_per_cell = multiply_adds(calls) / BATCH_SIZE
     ceiling = matmul_ceiling(calls)
@@ -201,7 +212,7 @@ def measure(kind, path, args):
     scores = metrics.clustering_scores(test, use_rep="X_latent", batch_key=BATCH_KEY, labels_key=LABELS_KEY)
     asw = scores[scores.metric == "ASW"].set_index("label")["value"]
     gflops = 2 * macs_per_cell * cells_per_s / 1e9
-    return dict(model=NAMES[kind], threads=torch.get_num_threads(), **facts, fit_s=fit_seconds, s_per_epoch=float(np.median(clock.seconds[steady])),
+    return dict(data=name, model=NAMES[kind], threads=torch.get_num_threads(), **facts, fit_s=fit_seconds, s_per_epoch=float(np.median(clock.seconds[steady])),
                 cells_per_s=cells_per_s, train_cells=int(np.median(clock.cells)), matmuls_per_step=len(calls),
                 mmacs_per_cell=macs_per_cell / 1e6, gflops=gflops, ceiling_gflops=ceiling, ratio=gflops / ceiling,
                 peak_rss_mib=peak_rss_mib(),
@@ -217,11 +228,11 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def in_own_process(kind, path, args):
+def in_own_process(kind, path, name, args):
     "`measure` in a fresh spawned process, so that imports, data and peak RSS are the model's own."
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
-        return pool.submit(measure, kind, path, args).result()
+        return pool.submit(measure, kind, path, name, args).result()
 
 
 # --- data, report ---------------------------------------------------------------------------------------------
@@ -231,25 +242,38 @@ def data_folder():
     return Path(os.environ.get("SCMEDAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def aml_fold():
-    "The AML data preprocessed as in the paper (exclusions, 2,916 HVGs), registered, and fold 1 of its rotation."
-    adata = data.preprocess(datasets.vangalen2019_aml(data_dir=data_folder()), n_top_genes=2916)
+def registered(adata):
+    "Only what the models read (log expression, counts, batch and cell type), registered."
     light = ad.AnnData(X=adata.X, obs=adata.obs[[BATCH_KEY, LABELS_KEY]], var=pd.DataFrame(index=adata.var_names),
                        layers=dict(counts=adata.layers["counts"]))
     data.setup_anndata(light, batch_key=BATCH_KEY, labels_key=LABELS_KEY)
-    return light, data.kfold_splits(light, batch_key=BATCH_KEY, labels_key=LABELS_KEY)[0]
+    return light
 
 
-def write_fold(out):
-    "Write fold 1 of the AML data where the model processes read it: (cells, genes, split sizes)."
-    adata, split = aml_fold()
-    adata.write_h5ad(out / "fold.h5ad")
-    np.savez(out / "split.npz", **split)
+def aml_fold():
+    "The AML data preprocessed as in the paper (exclusions, 2,916 HVGs), registered, and fold 1 of its rotation."
+    adata = registered(data.preprocess(datasets.vangalen2019_aml(data_dir=data_folder()), n_top_genes=2916))
+    return adata, data.kfold_splits(adata, batch_key=BATCH_KEY, labels_key=LABELS_KEY)[0]
+
+
+def simulated_like(n_obs, n_vars, n_batches, sizes):
+    "Simulated data of the AML fold's size, preprocessed the same way, with training and test cells of the fold's sizes."
+    counts = data.simulate(n_cells=n_obs, n_genes=2 * n_vars, n_batches=n_batches, seed=SEED)
+    counts.obs[BATCH_KEY] = counts.obs["batch"]
+    adata = registered(data.preprocess(counts, n_top_genes=n_vars))
+    order = np.random.default_rng(SEED).permutation(adata.n_obs)
+    return adata, dict(train=np.sort(order[:sizes["train"]]), test=np.sort(order[sizes["train"]:][:sizes["test"]]))
+
+
+def write(out, name, adata, split):
+    "Write a data set where the model processes read it: (cells, genes, split sizes)."
+    adata.write_h5ad(out / f"{name}.h5ad")
+    np.savez(out / f"{name}_split.npz", **split)
     return adata.n_obs, adata.n_vars, {k: len(v) for k, v in split.items()}
 
 
 def table(results):
-    "The final table, one row per model."
+    "A table of results, one row per model."
     frame = pd.DataFrame(results).set_index("model")
     columns = {"epochs": "epochs", "best_epoch": "best", "fit_s": "fit s", "s_per_epoch": "s/epoch", "cells_per_s": "cells/s",
                "mmacs_per_cell": "MMAC/cell", "gflops": "GFLOP/s", "ceiling_gflops": "ceiling", "ratio": "ratio",
@@ -264,6 +288,17 @@ def quiet():
     warnings.filterwarnings("ignore", message=".*treespec.*|.*does not have many workers.*|.*logging interval.*")
 
 
+def run(kind, path, name, args):
+    "Measure one model on one data set in its own process, and print its line."
+    print(f"{NAMES[kind]} ...", flush=True)
+    result = in_own_process(kind, path, name, args)
+    print(f"  {result['epochs']} epochs (best {result['best_epoch']}) in {result['fit_s']:.0f} s on {result['threads']} thread(s); "
+          f"{result['cells_per_s']:.0f} cells/s = {result['gflops']:.1f} GFLOP/s, {result['ratio']:.0%} of its matmul "
+          f"ceiling {result['ceiling_gflops']:.1f}; peak RSS {result['peak_rss_mib']:.0f} MiB; "
+          f"test batch ASW {result['batch_asw']:.3f}, cell-type ASW {result['celltype_asw']:.3f}", flush=True)
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all cores)")
@@ -271,10 +306,11 @@ def main(argv=None):
     parser.add_argument("--patience", type=int, default=10, help="FE/RE early stopping: epochs without a better validation loss")
     parser.add_argument("--max-epochs", type=int, default=500, help="upper limit for every model (the paper: 500)")
     parser.add_argument("--models", nargs="+", choices=list(NAMES), default=list(NAMES))
+    parser.add_argument("--sim-epochs", type=int, default=10, help="epochs of FE and RE on the simulated data")
     parser.add_argument("--quick", action="store_true", help="3 epochs per model: a smoke run of the script")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    if args.quick: args.max_epochs = 3
+    if args.quick: args.max_epochs = args.sim_epochs = 3
     quiet()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads; FE/RE: lr {args.lr:g}, patience {args.patience}; "
@@ -282,24 +318,27 @@ def main(argv=None):
     print(f"peak of one 2048 x 2048 matmul here: {peak_gflops():.0f} GFLOP/s", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        try: n_obs, n_vars, sizes = write_fold(Path(tmp))
+        try: adata, split = aml_fold()
         except FileNotFoundError as e: raise SystemExit(f"speed.py needs the AML data: {e}")
+        n_obs, n_vars, sizes = write(Path(tmp), "aml", adata, split)
         print(f"AML: {n_obs:,} cells x {n_vars:,} genes; fold 1: {sizes}", flush=True)
-        for kind in args.models:
-            print(f"{NAMES[kind]} ...", flush=True)
-            result = in_own_process(kind, Path(tmp), args)
-            print(f"  {result['epochs']} epochs (best {result['best_epoch']}) in {result['fit_s']:.0f} s on {result['threads']} thread(s); "
-                  f"{result['cells_per_s']:.0f} cells/s = {result['gflops']:.1f} GFLOP/s, {result['ratio']:.0%} of its matmul "
-                  f"ceiling {result['ceiling_gflops']:.1f}; peak RSS {result['peak_rss_mib']:.0f} MiB; "
-                  f"test batch ASW {result['batch_asw']:.3f}, cell-type ASW {result['celltype_asw']:.3f}", flush=True)
-            results.append(result)
+        n_batches = adata.obs[BATCH_KEY].nunique()
+        for kind in args.models: results.append(run(kind, Path(tmp), "aml", args))
+        sim_args = argparse.Namespace(**{**vars(args), "max_epochs": args.sim_epochs, "patience": None})
+        n_obs, n_vars, sizes = write(Path(tmp), "simulated", *simulated_like(n_obs, n_vars, n_batches, sizes))
+        print(f"\nsimulated data of the same size: {n_obs:,} cells x {n_vars:,} genes, {n_batches} batches; {sizes}; "
+              f"{args.sim_epochs} epochs each", flush=True)
+        for kind in [k for k in args.models if k != "scvi"]: results.append(run(kind, Path(tmp), "simulated", sim_args))
+    aml = [r for r in results if r["data"] == "aml"]
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
-        print("\n" + table(results).to_string(float_format=lambda v: f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"))
-    by = {r["model"]: r for r in results}
+        for name in ("aml", "simulated"):
+            rows = [r for r in results if r["data"] == name]
+            if rows: print(f"\n{name}:\n" + table(rows).to_string(float_format=lambda v: f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"))
+    by = {r["model"]: r for r in aml}
     if {"scMEDAL-FE", "scMEDAL-RE", "scVI"} <= set(by):
         fe_re = by["scMEDAL-FE"]["fit_s"] + by["scMEDAL-RE"]["fit_s"]
-        print(f"\nFE + RE fit {fe_re:.0f} s vs scVI fit {by['scVI']['fit_s']:.0f} s: ratio {fe_re / by['scVI']['fit_s']:.2f}")
-    print("share of the matmul ceiling: " + ", ".join(f"{m} {r['ratio']:.0%}" for m, r in by.items()))
+        print(f"\nAML: FE + RE fit {fe_re:.0f} s vs scVI fit {by['scVI']['fit_s']:.0f} s: ratio {fe_re / by['scVI']['fit_s']:.2f}")
+    print("share of the matmul ceiling: " + "; ".join(f"{r['data']} {r['model']} {r['ratio']:.0%}" for r in results))
     print("paper (5-fold means, spec §8.1) batch / cell-type ASW: "
           + ", ".join(f"{NAMES[k]} {b:.2f} / {c:.2f}" for k, (b, c) in PAPER_ASW.items()))
     if args.out: Path(args.out).write_text(json.dumps(results, indent=1))
