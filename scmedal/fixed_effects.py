@@ -23,11 +23,12 @@ KERAS_BN_EPS = 1e-3
 
 def dense(n_in: int, # input width
           n_out: int, # output width
+          *, bias: bool = True, # False where BatchNorm follows directly and would cancel the bias
          ) -> nn.Linear:
     "An `nn.Linear` initialised like a Keras `Dense`: Glorot-uniform weight, zero bias."
-    layer = nn.Linear(n_in, n_out)
+    layer = nn.Linear(n_in, n_out, bias=bias)
     nn.init.xavier_uniform_(layer.weight)
-    nn.init.zeros_(layer.bias)
+    if bias: nn.init.zeros_(layer.bias)
     return layer
 
 def batch_norm(n_features: int, # number of features

@@ -7,7 +7,7 @@ __all__ = ['KINDS', 'batch_shifts', 'MixedEffectsDecoder', 'build_module', 'trai
            'get_latent_representation', 'get_reconstruction', 'posterior_sampling', 'get_counterfactual',
            'get_random_effects', 'save', 'load', 'train_kfold']
 
-# %% ../nbs/03_mixed_model.ipynb #9c34f943
+# %% ../nbs/03_mixed_model.ipynb #c72b98c1
 import contextlib
 import copy
 import os
@@ -26,7 +26,7 @@ from . import data
 from .fixed_effects import AdversarialTrainingPlan, FixedEffectsModule, LossOutput, TrainingPlan
 from .random_effects import RandomEffectsDecoder, RandomEffectsModule
 
-# %% ../nbs/03_mixed_model.ipynb #a614489b
+# %% ../nbs/03_mixed_model.ipynb #e59a74ec
 def _group_means(z, groups, n_groups):
     "Mean row of `z` for each of `n_groups` groups (zeros for empty ones), and the group sizes."
     sizes = torch.bincount(groups, minlength=n_groups).float()
@@ -52,7 +52,7 @@ def batch_shifts(z: torch.Tensor,  # (n, L) latents of the training cells
     shifts = coef[:n_batches].float()  # the fit fixes shifts up to a common constant: centre them
     return (shifts - shifts.mean(0)).to(device)
 
-# %% ../nbs/03_mixed_model.ipynb #98109a7c
+# %% ../nbs/03_mixed_model.ipynb #da01aadf
 class MixedEffectsDecoder(torch.nn.Module):
     "Counterfactual decoder: the frozen FE encoder's latent minus its batch's shift, decoded through RE scale/shift blocks."
     kind = "mixed"
@@ -125,7 +125,7 @@ class MixedEffectsDecoder(torch.nn.Module):
         terms = {"recon_loss": F.mse_loss(out["x_hat"], batch["x"]), "kl_loss": kl_weight * self.kl_divergence()}
         return LossOutput(w_recon * terms["recon_loss"] + terms["kl_loss"], terms)
 
-# %% ../nbs/03_mixed_model.ipynb #03fdcaeb
+# %% ../nbs/03_mixed_model.ipynb #ad3287a6
 KINDS = ("ae", "aec", "fe", "fec", "re", "mixed")
 
 def build_module(
@@ -154,7 +154,7 @@ def training_plan(
     "The Lightning plan that optimises a module: two optimisers for FE/FEC, one otherwise."
     return (AdversarialTrainingPlan if kind in ("fe", "fec") else TrainingPlan)(module, **kwargs)
 
-# %% ../nbs/03_mixed_model.ipynb #6fc3ee27
+# %% ../nbs/03_mixed_model.ipynb #36c80d8b
 class History(L.Callback):
     "Collect the epoch-level logged metrics of a fit into a DataFrame (one row per epoch)."
     def __init__(self,
@@ -168,7 +168,7 @@ class History(L.Callback):
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows).set_index("epoch") if self.rows else pd.DataFrame()
 
-# %% ../nbs/03_mixed_model.ipynb #dd7ca68e
+# %% ../nbs/03_mixed_model.ipynb #bb99347e
 def _build_modules(registry, n_genes, params):
     "One module per model kind in `params['models']`, sized by the registry's batches and labels; 'mixed' last."
     n_labels = len(registry["label_categories"]) if registry["labels_key"] else None
@@ -206,7 +206,7 @@ class SCMEDAL:
         return (f"SCMEDAL({', '.join(self.modules)}; {len(self.var_names)} genes, "
                 f"{len(self.registry['batch_categories'])} batches of '{self.registry['batch_key']}'; {state})")
 
-# %% ../nbs/03_mixed_model.ipynb #7f758257
+# %% ../nbs/03_mixed_model.ipynb #6fe95bdf
 class _TrainingState(L.Callback):
     "Record, and on resume restore, what the next epoch depends on besides the weights: Adam's moments and torch's random state."
     def __init__(self,
@@ -223,7 +223,7 @@ class _TrainingState(L.Callback):
         self.state = dict(epochs=self.epochs + trainer.current_epoch, torch_rng=torch.get_rng_state(),
                           optimizers=[copy.deepcopy(o.state_dict()) for o in trainer.optimizers])
 
-# %% ../nbs/03_mixed_model.ipynb #a8dce0fb
+# %% ../nbs/03_mixed_model.ipynb #e9a905c2
 def ddp_strategy(strategy):  # a Lightning strategy name or object
     "A DDP strategy *name* gets its `find_unused_parameters` variant: FE's two optimisers each step part of the model."
     if isinstance(strategy, str) and strategy.startswith("ddp") and "find_unused" not in strategy:
@@ -237,7 +237,7 @@ def _trainer(max_epochs, callbacks, *, progress_bar, accelerator, devices, strat
                      enable_model_summary=False, enable_progress_bar=progress_bar,
                      default_root_dir=tempfile.gettempdir(), **kwargs)
 
-# %% ../nbs/03_mixed_model.ipynb #fa5dba54
+# %% ../nbs/03_mixed_model.ipynb #d2856187
 def _train(self: SCMEDAL,
            *,
            max_epochs: int = 500,  # epochs per model (the paper: 500)
@@ -287,7 +287,7 @@ def _train(self: SCMEDAL,
 
 SCMEDAL.train = _train
 
-# %% ../nbs/03_mixed_model.ipynb #a7cbfb3a
+# %% ../nbs/03_mixed_model.ipynb #d55f1382
 def _aligned(self: SCMEDAL, adata):
     "The AnnData with the model's genes in the model's order; an error names the genes that are missing."
     if adata is None and self.adata is None: raise ValueError("this model was loaded without data: pass adata=... (or SCMEDAL.load(path, adata))")
@@ -316,7 +316,7 @@ def _check_obs(self: SCMEDAL, adata):
 
 SCMEDAL._aligned, SCMEDAL._rows, SCMEDAL._check_obs = _aligned, _rows, _check_obs
 
-# %% ../nbs/03_mixed_model.ipynb #1d95bc3f
+# %% ../nbs/03_mixed_model.ipynb #87fa0847
 def _module(self: SCMEDAL, kind):
     if kind not in self.modules: raise ValueError(f"this model has no {kind!r} network; it has {list(self.modules)}")
     return self.modules[kind].eval()
@@ -332,7 +332,7 @@ def _unscale(self: SCMEDAL, x):
 
 SCMEDAL._module, SCMEDAL._map, SCMEDAL._unscale = _module, _map, _unscale
 
-# %% ../nbs/03_mixed_model.ipynb #d60a5109
+# %% ../nbs/03_mixed_model.ipynb #5b2ed78a
 def get_latent_representation(self: SCMEDAL,
                               adata: ad.AnnData | None = None,  # default: the training AnnData
                               *,
@@ -367,7 +367,7 @@ def _warn_unseen(self: SCMEDAL, adata):
 
 SCMEDAL.get_latent_representation, SCMEDAL.get_reconstruction, SCMEDAL._warn_unseen = get_latent_representation, get_reconstruction, _warn_unseen
 
-# %% ../nbs/03_mixed_model.ipynb #8c6a87cd
+# %% ../nbs/03_mixed_model.ipynb #21256b9b
 @contextlib.contextmanager
 def posterior_sampling(module: torch.nn.Module):
     "Within this context the module's random-effects layers sample from their posterior; everything else stays in eval mode."
@@ -410,7 +410,7 @@ def get_counterfactual(self: SCMEDAL,
 
 SCMEDAL._batch_code, SCMEDAL.get_counterfactual = _batch_code, get_counterfactual
 
-# %% ../nbs/03_mixed_model.ipynb #6cce6b77
+# %% ../nbs/03_mixed_model.ipynb #0165da0e
 def get_random_effects(self: SCMEDAL,
                        kind: str = "re",  # 're' (scMEDAL-RE) or 'mixed' (the mixed-effects decoder)
                       ) -> pd.DataFrame:  # columns batch, layer, parameter, unit, mean, sd
@@ -431,7 +431,7 @@ def get_random_effects(self: SCMEDAL,
 
 SCMEDAL.get_random_effects = get_random_effects
 
-# %% ../nbs/03_mixed_model.ipynb #77a17e42
+# %% ../nbs/03_mixed_model.ipynb #ffeedb49
 def save(self: SCMEDAL,
          path,  # folder to write `model.pt` into (created if needed)
          *,
@@ -470,7 +470,7 @@ def load(cls,
 
 SCMEDAL.save, SCMEDAL.load = save, load
 
-# %% ../nbs/03_mixed_model.ipynb #49849f4d
+# %% ../nbs/03_mixed_model.ipynb #9fd4e9d1
 def train_kfold(
     adata: ad.AnnData,  # registered AnnData
     *,

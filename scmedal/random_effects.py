@@ -6,7 +6,7 @@
 __all__ = ['inverse_softplus', 'rho_init_bounds', 'gaussian_kl', 'sampled_kl', 'batch_rows', 'with_unseen_row', 'RandomEffects',
            'ScaleBiasBlock', 'ScaleBiasFunction', 'RandomEffectsEncoder', 'RandomEffectsDecoder', 'RandomEffectsModule']
 
-# %% ../nbs/02_random_effects.ipynb #ae735ed0
+# %% ../nbs/02_random_effects.ipynb #23feb024
 import math
 from collections.abc import Iterator
 
@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from .fixed_effects import Classifier, LossOutput, batch_norm, classification_terms, dense
 
-# %% ../nbs/02_random_effects.ipynb #ce9b6cfb
+# %% ../nbs/02_random_effects.ipynb #90855008
 def inverse_softplus(y: float) -> float:
     "The $\\rho$ with $\\mathrm{softplus}(\\rho) = y$."
     return math.log(math.expm1(y))
@@ -40,7 +40,7 @@ def sampled_kl(u: Tensor, eps: Tensor, sigma: Tensor, prior_scale: float) -> Ten
     # log q(u) = -eps²/2 - log sigma + const: TFP's (u - mu)/sigma is eps, and its gradient through u is exactly zero
     return (0.5 * (u / prior_scale) ** 2 - 0.5 * eps ** 2 + math.log(prior_scale) - sigma.log()).sum()
 
-# %% ../nbs/02_random_effects.ipynb #32ad0e84
+# %% ../nbs/02_random_effects.ipynb #ea841a51
 def batch_rows(table: Tensor, # (B, F) one row per batch
                batch_index: Tensor, # (n,) batch of each cell; -1 for a batch not seen in training
                unseen: float = 0.0, # the value for cells of unseen batches: the prior mean of the row
@@ -54,7 +54,7 @@ def with_unseen_row(table: Tensor, # (B, F) one row per batch
     "`table` with a row for unseen batches put in front, so that `batch_index + 1` indexes it."
     return F.pad(table, (0, 0, 1, 0), value=unseen)
 
-# %% ../nbs/02_random_effects.ipynb #4000c230
+# %% ../nbs/02_random_effects.ipynb #de6f7ee9
 class RandomEffects(nn.Module):
     "Per-batch Gaussian random effects $U \\in R^{B \\times F}$; `forward(batch_index)` returns each cell's row."
     def __init__(self,
@@ -95,7 +95,7 @@ class RandomEffects(nn.Module):
                ) -> Tensor: # (n, F) the row of each cell's batch
         return batch_rows(self.table(), batch_index)
 
-# %% ../nbs/02_random_effects.ipynb #d6c555ca
+# %% ../nbs/02_random_effects.ipynb #f50c1700
 class ScaleBiasBlock(nn.Module):
     "$(1 + \\gamma_b) \\odot \\mathrm{BN}(h) + \\beta_b$ with random effects $\\gamma$, $\\beta$ (ARMED's `ClusterScaleBiasBlock`)."
     def __init__(self,
@@ -117,7 +117,7 @@ class ScaleBiasBlock(nn.Module):
                                        with_unseen_row(shift), batch_index + 1, bn.running_mean, bn.running_var,
                                        bn.momentum, bn.eps)
 
-# %% ../nbs/02_random_effects.ipynb #2c7e7c37
+# %% ../nbs/02_random_effects.ipynb #9d4598bc
 class ScaleBiasFunction(torch.autograd.Function):
     "Training-mode scale-and-bias block as one autograd node: BatchNorm's affine folded into per-batch tables."
     @staticmethod
@@ -145,7 +145,7 @@ class ScaleBiasFunction(torch.autograd.Function):
             d_h.addcmul_(h_hat, -inv_std * m2).sub_(inv_std * m1)
         return d_h, d_weight, d_bias, d_scale, d_shift, None, None, None, None, None
 
-# %% ../nbs/02_random_effects.ipynb #0220133f
+# %% ../nbs/02_random_effects.ipynb #1f9700cb
 class RandomEffectsEncoder(nn.Module):
     "RE encoder: per hidden width Linear → ScaleBias → SELU, then a SELU latent Linear (no RE on $z_{re}$)."
     def __init__(self,
@@ -157,7 +157,8 @@ class RandomEffectsEncoder(nn.Module):
                 ):
         super().__init__()
         widths = [n_input, *n_hidden, n_latent]
-        self.linears = nn.ModuleList(dense(i, o) for i, o in zip(widths[:-1], widths[1:]))
+        self.linears = nn.ModuleList(dense(i, o, bias=k == len(n_hidden))  # BatchNorm follows all but the latent Linear
+                                     for k, (i, o) in enumerate(zip(widths[:-1], widths[1:])))
         self.blocks = nn.ModuleList(ScaleBiasBlock(n_batches, h, **re_kwargs) for h in n_hidden)
 
     def forward(self, x: Tensor, batch_index: Tensor) -> Tensor:
@@ -179,7 +180,9 @@ class RandomEffectsDecoder(nn.Module):
                 ):
         super().__init__()
         widths = [n_latent, *reversed(n_hidden), n_output]
-        self.linears = nn.ModuleList(dense(i, o) for i, o in zip(widths[:-1], widths[1:]))
+        last = len(widths) - 2
+        self.linears = nn.ModuleList(dense(i, o, bias=double_selu and k < last)  # a bias only where SELU precedes BatchNorm
+                                     for k, (i, o) in enumerate(zip(widths[:-1], widths[1:])))
         self.blocks = nn.ModuleList(ScaleBiasBlock(n_batches, o, **re_kwargs) for o in widths[1:])
         self.double_selu = double_selu
 
@@ -192,7 +195,7 @@ class RandomEffectsDecoder(nn.Module):
             if i < last: h = F.selu(h)
         return h
 
-# %% ../nbs/02_random_effects.ipynb #08487eb4
+# %% ../nbs/02_random_effects.ipynb #1bcd55c9
 class RandomEffectsModule(nn.Module):
     "scMEDAL-RE: RE encoder, untied RE decoder and a latent batch classifier trained with a positive weight."
     kind = "re"
