@@ -199,12 +199,13 @@ def measure(kind, path, name, args):
     split = dict(np.load(path / f"{name}_split.npz"))
     calls = count_step(kind, adata, split, args)
     macs_per_cell = multiply_adds(calls) / BATCH_SIZE
-    ceiling = matmul_ceiling(calls)
+    ceiling_before = matmul_ceiling(calls)
     clock = EpochClock()
     start = time.perf_counter()
     model, facts = fit(kind, adata, split, args, callbacks=[clock])
     fit_seconds = time.perf_counter() - start
-    ceiling = max(ceiling, matmul_ceiling(calls))
+    ceiling_after = matmul_ceiling(calls)
+    ceiling = max(ceiling_before, ceiling_after)
     steady = slice(1, None) if len(clock.seconds) > 1 else slice(None)
     cells_per_s = float(np.median(np.array(clock.cells[steady]) / np.array(clock.seconds[steady])))
     test = adata[split["test"]].copy()
@@ -215,6 +216,7 @@ def measure(kind, path, name, args):
     return dict(data=name, model=NAMES[kind], threads=torch.get_num_threads(), **facts, fit_s=fit_seconds, s_per_epoch=float(np.median(clock.seconds[steady])),
                 cells_per_s=cells_per_s, train_cells=int(np.median(clock.cells)), matmuls_per_step=len(calls),
                 mmacs_per_cell=macs_per_cell / 1e6, gflops=gflops, ceiling_gflops=ceiling, ratio=gflops / ceiling,
+                ceiling_before=ceiling_before, ceiling_after=ceiling_after,
                 peak_rss_mib=peak_rss_mib(),
                 batch_asw=float(asw["batch"]), celltype_asw=float(asw["celltype"]))
 
@@ -294,7 +296,8 @@ def run(kind, path, name, args):
     result = in_own_process(kind, path, name, args)
     print(f"  {result['epochs']} epochs (best {result['best_epoch']}) in {result['fit_s']:.0f} s on {result['threads']} thread(s); "
           f"{result['cells_per_s']:.0f} cells/s = {result['gflops']:.1f} GFLOP/s, {result['ratio']:.0%} of its matmul "
-          f"ceiling {result['ceiling_gflops']:.1f}; peak RSS {result['peak_rss_mib']:.0f} MiB; "
+          f"ceiling {result['ceiling_gflops']:.1f} (before / after training {result['ceiling_before']:.0f} / "
+          f"{result['ceiling_after']:.0f}); peak RSS {result['peak_rss_mib']:.0f} MiB; "
           f"test batch ASW {result['batch_asw']:.3f}, cell-type ASW {result['celltype_asw']:.3f}", flush=True)
     return result
 
