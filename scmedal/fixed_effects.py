@@ -6,7 +6,7 @@
 __all__ = ['KERAS_BN_MOMENTUM', 'KERAS_BN_EPS', 'DEFAULT_LOSS_WEIGHTS', 'PAPER_LOSS_WEIGHTS', 'FE_BN_MOMENTUM',
            'GLIBC_MMAP_THRESHOLD_MAX', 'dense', 'batch_norm', 'Encoder', 'TiedDecoder', 'Classifier', 'LossOutput',
            'classification_terms', 'loss_weights', 'FixedEffectsModule', 'adam', 'reuse_heap_for_step_tensors',
-           'TrainingPlan', 'AdversarialTrainingPlan']
+           'EpochMeans', 'TrainingPlan', 'AdversarialTrainingPlan']
 
 # %% ../nbs/01_fixed_effects.ipynb #097cd9f8
 import inspect
@@ -234,6 +234,29 @@ def reuse_heap_for_step_tensors():
     "Let glibc's malloc keep freed blocks below ~32 MB in its heap for reuse, instead of returning them to the system."
     torch.empty((GLIBC_MMAP_THRESHOLD_MAX - 2**20) // 4)  # allocated and freed at once; its pages are never touched
 
+# %% ../nbs/01_fixed_effects.ipynb #7ff64f5e
+class EpochMeans:
+    "Cell-weighted means over an epoch of the values a minibatch logs, kept as one running sum."
+    def __init__(self): self.reset()
+
+    def reset(self):
+        "Start a new epoch."
+        self.names, self.sums, self.cells = None, None, 0
+
+    def add(self,
+            values: dict[str, Tensor], # one minibatch's values (0-d tensors), by name
+            n_cells: int, # cells in the minibatch: the values' weight
+           ):
+        "Add one minibatch's values."
+        if self.names is None: self.names = tuple(values)
+        elif tuple(values) != self.names: raise ValueError(f"logged names changed within the epoch: {self.names} → {tuple(values)}")
+        weighted = torch.stack([v.detach().float() for v in values.values()]) * n_cells
+        self.sums, self.cells = weighted if self.sums is None else self.sums + weighted, self.cells + n_cells
+
+    def compute(self) -> dict[str, Tensor]:
+        "The means so far, by name (empty before the first `add`)."
+        return {} if self.names is None else dict(zip(self.names, self.sums / self.cells))
+
 # %% ../nbs/01_fixed_effects.ipynb #34d5a61e
 class TrainingPlan(L.LightningModule):
     "Lightning plan with one Adam optimiser: minimises `module.loss(...).total_loss`, logs every term."
@@ -251,11 +274,21 @@ class TrainingPlan(L.LightningModule):
         self.module, self.lr, self.eps = module, lr, eps
         self.loss_weights = {**loss_weights(module.kind, dataset), **weights}
 
+        self.epoch_means = {"": EpochMeans(), "val_": EpochMeans()}  # training, validation
+        self.history: list[dict] = []  # every training epoch's logged values, one row each
+
     def log_loss(self, out: LossOutput, prefix: str, n_cells: int):
-        "Log every term of `out` as an epoch mean."
-        self.log_dict(out.to_log(prefix), on_step=False, on_epoch=True, batch_size=n_cells)
+        "Add every term of `out` to the epoch's means, which are logged when the epoch ends."
+        self.epoch_means[prefix].add(out.to_log(prefix), n_cells)
 
     def on_fit_start(self): reuse_heap_for_step_tensors()
+    def on_train_epoch_start(self): self.epoch_means[""].reset()
+    def on_validation_epoch_start(self): self.epoch_means["val_"].reset()
+    def on_validation_epoch_end(self): self.log_dict(self.epoch_means["val_"].compute())
+
+    def on_train_epoch_end(self):
+        self.log_dict(self.epoch_means[""].compute())  # validation has run by now: the row has both
+        self.history.append(dict(epoch=self.current_epoch, **{k: float(v) for k, v in self.trainer.callback_metrics.items()}))
 
     def training_step(self, batch, batch_idx):
         out = self.module.loss(batch, **self.loss_weights)
