@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['MIN_SPAN', 'simulate', 'simulated_log_expression', 'check_matrix', 'preprocess', 'fit_scaling', 'apply_scaling',
-           'invert_scaling', 'encode', 'setup_anndata', 'kfold_splits', 'AnnDataRows', 'EpochShuffle',
-           'SCMEDALDataModule']
+           'scale_stored_values', 'invert_scaling', 'encode', 'setup_anndata', 'kfold_splits', 'AnnDataRows',
+           'EpochShuffle', 'SCMEDALDataModule']
 
-# %% ../nbs/00_data.ipynb #15347cc1
+# %% ../nbs/00_data.ipynb #63478c08
 import warnings
 
 import anndata as ad
@@ -19,7 +19,7 @@ import torch
 from scipy import sparse
 from sklearn.model_selection import StratifiedKFold
 
-# %% ../nbs/00_data.ipynb #ae017c7b
+# %% ../nbs/00_data.ipynb #5e8a2bc0
 def _draw_effects(rng, n_genes, n_groups, prob, scale):
     "Sparse log-fold effects: each gene is affected with probability `prob`, effect ~ N(0, scale²)."
     hit = rng.random((n_groups, n_genes)) < prob
@@ -30,7 +30,7 @@ def _negative_binomial(rng, mean, dispersion):
     rate = rng.gamma(shape=1.0 / dispersion, scale=mean * dispersion)
     return rng.poisson(rate)
 
-# %% ../nbs/00_data.ipynb #8d7b4411
+# %% ../nbs/00_data.ipynb #986e0bda
 def simulate(
     n_cells: int = 3000,  # number of cells
     n_genes: int = 1000,  # number of genes
@@ -68,7 +68,7 @@ def simulate(
     return _simulated_anndata(counts, batch, cell_type, condition, base, cell_type_effect, condition_effect,
                               batch_effect, dict(seed=seed, dispersion=dispersion, batch_effect_scale=batch_effect_scale))
 
-# %% ../nbs/00_data.ipynb #bd882139
+# %% ../nbs/00_data.ipynb #5dc0285e
 def _simulated_anndata(counts, batch, cell_type, condition, base, cell_type_effect, condition_effect, batch_effect, params):
     "Wrap simulated counts and their ground truth in an AnnData."
     n_batches, n_types = len(batch_effect), len(cell_type_effect)
@@ -87,7 +87,7 @@ def _simulated_anndata(counts, batch, cell_type, condition, base, cell_type_effe
     adata.uns["simulation"] = dict(params, batch_categories=batches, cell_type_categories=types)
     return adata
 
-# %% ../nbs/00_data.ipynb #cb46451d
+# %% ../nbs/00_data.ipynb #a1efb544
 def simulated_log_expression(
     adata: ad.AnnData,  # AnnData from `simulate` (optionally preprocessed: genes are read from `var`)
     *,
@@ -107,7 +107,7 @@ def simulated_log_expression(
     p = np.exp(log_p - log_p.max(1, keepdims=True))
     return np.log1p(target_sum * p / p.sum(1, keepdims=True))
 
-# %% ../nbs/00_data.ipynb #26f02fba
+# %% ../nbs/00_data.ipynb #7224dffb
 def _row_blocks(
     X,  # cells × genes: in memory (numpy, scipy sparse) or backed on disk (h5py / anndata sparse dataset)
     indices=None,  # rows to read (default all), read in sorted order
@@ -130,7 +130,7 @@ def _value_stats(block, counts):
     finite = values[finite_mask] if n_bad else values
     return n_bad, finite.min(initial=np.inf), counts and bool(np.any(finite != np.round(finite)))
 
-# %% ../nbs/00_data.ipynb #58c6ae07
+# %% ../nbs/00_data.ipynb #a608d3e9
 def check_matrix(
     X,  # cells × genes matrix (dense, sparse, or backed on disk)
     *,
@@ -156,7 +156,7 @@ def _matrix(
         raise KeyError(f"layer {layer!r} is not in adata.layers; available: {list(adata.layers)}")
     return adata.X if layer is None else adata.layers[layer]
 
-# %% ../nbs/00_data.ipynb #9f7a9ee1
+# %% ../nbs/00_data.ipynb #e469c147
 def preprocess(
     adata: ad.AnnData,  # raw counts in X (or in `layer`)
     *,
@@ -186,7 +186,7 @@ def preprocess(
                                         target_sum=target_sum, normalized=normalized)
     return None if inplace else out
 
-# %% ../nbs/00_data.ipynb #e857c6bf
+# %% ../nbs/00_data.ipynb #fc084360
 def _as_float_csr(X):
     "A float32 CSR copy of `X` (scipy `csr_matrix`: scanpy's neighbours still need the matrix API)."
     return sparse.csr_matrix(X, dtype=np.float32, copy=True)
@@ -199,7 +199,7 @@ def _select_hvgs(adata, n_top_genes):
         return
     sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, subset=True)
 
-# %% ../nbs/00_data.ipynb #59817d50
+# %% ../nbs/00_data.ipynb #3dfd775e
 def fit_scaling(
     X,  # cells × genes log-expression (dense, sparse, or backed on disk)
     *,
@@ -232,6 +232,17 @@ def apply_scaling(
     scaled /= _span(scaling)
     return scaled
 
+def scale_stored_values(
+    x: sparse.csr_matrix,  # rows × genes in CSR format, a copy the caller owns (its values are overwritten)
+    scaling: dict,  # parameters from `fit_scaling`, every minimum 0
+) -> sparse.csr_matrix:  # x with scaled float32 values; `x.toarray()` equals `apply_scaling(x.toarray(), scaling)`
+    "Min-max scale a sparse minibatch by its stored values only, which is exact when every fitted minimum is 0."
+    if np.any(scaling["min"] != 0): raise ValueError("scaling only the stored values needs every fitted minimum to be 0")
+    x = x.astype(np.float32, copy=False)
+    span = _span(scaling)
+    x.data /= span if span.size == 1 else span[x.indices]  # x.indices: each stored value's gene
+    return x
+
 def invert_scaling(
     x: np.ndarray,  # scaled values (..., genes), e.g. a network's output
     scaling: dict,  # parameters from `fit_scaling`
@@ -239,7 +250,7 @@ def invert_scaling(
     "Map min-max scaled values back to log expression: the inverse of `apply_scaling`."
     return x * _span(scaling).astype(np.float32) + scaling["min"]
 
-# %% ../nbs/00_data.ipynb #ed9cbbe7
+# %% ../nbs/00_data.ipynb #6fc38b5e
 def _categories(adata, key, *, allow_nan=False):
     "Observed categories of `adata.obs[key]` in a stable order, with clear errors for missing keys and NaN."
     if key not in adata.obs: raise KeyError(f"'{key}' is not a column of adata.obs; available: {list(adata.obs.columns)}")
@@ -259,7 +270,7 @@ def encode(
     "Encode an obs column with a fixed category order."
     return pd.Categorical(adata.obs[key].astype(str).where(adata.obs[key].notna()), categories=categories).codes.astype(np.int64)
 
-# %% ../nbs/00_data.ipynb #e82840d5
+# %% ../nbs/00_data.ipynb #238f09d0
 def setup_anndata(
     adata: ad.AnnData,  # cells × genes, log-normalised (see `preprocess`)
     *,
@@ -281,7 +292,7 @@ def setup_anndata(
     adata.uns["scmedal"] = registry
     return registry
 
-# %% ../nbs/00_data.ipynb #caf307d6
+# %% ../nbs/00_data.ipynb #1c9ca75f
 def kfold_splits(
     adata: ad.AnnData,  # AnnData with the stratification columns in obs
     *,
@@ -307,7 +318,7 @@ def kfold_splits(
     return [dict(train=np.sort(np.concatenate([folds[j] for j in range(n_splits) if j not in (k, (k + 1) % n_splits)])),
                  val=folds[(k + 1) % n_splits], test=folds[k]) for k in range(n_splits)]
 
-# %% ../nbs/00_data.ipynb #41b9f296
+# %% ../nbs/00_data.ipynb #107a4eec
 class AnnDataRows(torch.utils.data.Dataset):
     "Rows of an AnnData as `{x, batch_index, label}` dicts, read a minibatch at a time."
     def __init__(self,
@@ -318,6 +329,7 @@ class AnnDataRows(torch.utils.data.Dataset):
         registry = registry or _registry(adata)
         self.X = _matrix(adata, registry["layer"])
         self.indices, self.scaling = np.asarray(indices, dtype=np.int64), scaling
+        self.zeros_stay_zero = bool(np.all(scaling["min"] == 0))  # then sparse rows are scaled before densifying
         self.batch_index = torch.from_numpy(encode(adata, registry["batch_key"], registry["batch_categories"]))
         self.label = (torch.from_numpy(encode(adata, registry["labels_key"], registry["label_categories"]))
                       if registry["labels_key"] else torch.full((adata.n_obs,), -1, dtype=torch.int64))
@@ -330,9 +342,12 @@ class AnnDataRows(torch.utils.data.Dataset):
         rows = self.indices[np.asarray(positions)]
         order = np.argsort(rows, kind="stable")
         x = self.X[rows[order]][np.argsort(order)]  # reordered while still sparse: cheaper than dense rows
-        x = x.toarray() if sparse.issparse(x) else np.asarray(x)  # a copy of the user's rows, ours to scale in place
-        return dict(x=torch.from_numpy(apply_scaling(x, self.scaling, inplace=True)),
-                    batch_index=self.batch_index[rows], label=self.label[rows])
+        if sparse.issparse(x) and x.format == "csr" and self.zeros_stay_zero:  # a copy of the user's rows, ours to scale
+            x = scale_stored_values(x, self.scaling).toarray()
+        else:
+            x = x.toarray() if sparse.issparse(x) else np.asarray(x)  # a copy of the user's rows, ours to scale in place
+            x = apply_scaling(x, self.scaling, inplace=True)
+        return dict(x=torch.from_numpy(x), batch_index=self.batch_index[rows], label=self.label[rows])
 
 def _registry(adata):
     "The registry `setup_anndata` stored, with categories as lists again (an .h5ad round trip makes them arrays)."
@@ -343,7 +358,7 @@ def _as_list(categories): return None if categories is None else [str(c) for c i
 
 def _identity(batch): return batch
 
-# %% ../nbs/00_data.ipynb #96d5cb34
+# %% ../nbs/00_data.ipynb #a80f22ff
 class EpochShuffle(torch.utils.data.Sampler):
     "A random order per epoch that depends only on (seed, epoch), so epoch e is shuffled the same however training got there."
     def __init__(self,
@@ -359,7 +374,7 @@ class EpochShuffle(torch.utils.data.Sampler):
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
         yield from torch.randperm(self.n, generator=generator).tolist()
 
-# %% ../nbs/00_data.ipynb #4193f84d
+# %% ../nbs/00_data.ipynb #a011d682
 class SCMEDALDataModule(L.LightningDataModule):
     "Train/val/test/predict loaders over a registered AnnData; scaling fitted on the training cells."
     def __init__(self,
