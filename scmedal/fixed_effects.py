@@ -143,6 +143,9 @@ def loss_weights(kind: str, # model kind: 'ae', 'aec', 'fe', 'fec', 're' or 'mix
                  dataset: str | None = None, # 'aml', 'asd', 'hh' for the paper's values, None for the fallback
                 ) -> dict[str, float]:
     "The paper's loss weights for a model kind, on a named dataset or the fallback."
+    if kind not in DEFAULT_LOSS_WEIGHTS: raise ValueError(f"kind must be one of {list(DEFAULT_LOSS_WEIGHTS)}, got {kind!r}")
+    if dataset is not None and str(dataset).lower() not in PAPER_LOSS_WEIGHTS:
+        raise ValueError(f"dataset must be None or one of {list(PAPER_LOSS_WEIGHTS)} (the paper's tuned loss weights), got {dataset!r}")
     table = DEFAULT_LOSS_WEIGHTS if dataset is None else PAPER_LOSS_WEIGHTS[dataset.lower()]
     return dict(table[kind])
 
@@ -287,7 +290,11 @@ class TrainingPlan(L.LightningModule):
     def on_validation_epoch_end(self): self.log_dict(self.epoch_means["val_"].compute())
 
     def on_train_epoch_end(self):
-        self.log_dict(self.epoch_means[""].compute())  # validation has run by now: the row has both
+        means = self.epoch_means[""].compute()
+        diverged = [name for name, value in means.items() if not torch.isfinite(value)]
+        if diverged: raise FloatingPointError(f"training of '{self.module.kind}' diverged in epoch {self.current_epoch}: "
+                                              f"{', '.join(diverged)} became NaN or infinite; lower lr")
+        self.log_dict(means)  # validation has run by now: the row has both
         self.history.append(dict(epoch=self.current_epoch, **{k: float(v) for k, v in self.trainer.callback_metrics.items()}))
 
     def training_step(self, batch, batch_idx):

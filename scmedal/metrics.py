@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from .data import _categories
+from .data import _categories, as_indices
 
 # %% auto #0
 __all__ = ['CLUSTERING_METRICS', 'subsample_indices', 'clustering_scores', 'paper_table', 'mean_ci', 'format_ci',
@@ -135,19 +135,11 @@ def aggregate_folds(
                          for key, g in df.groupby(list(by), sort=False, observed=True)])
 
 # %% ../nbs/04_metrics.ipynb #6758e989
-def _positions(indices, n_obs):
-    "Integer positions from positions or a boolean mask."
-    indices = np.asarray(indices)
-    if indices.dtype == bool:
-        if len(indices) != n_obs: raise ValueError(f"boolean mask has length {len(indices)}, adata has {n_obs} cells")
-        return np.flatnonzero(indices)
-    return indices.astype(int)
-
-def _split(y, train_indices, test_indices, *, test_size, seed):
-    "The given train/test positions, or a seeded stratified split."
+def _split(y, obs_names, train_indices, test_indices, *, test_size, seed):
+    "The given train/test cells as positions (see `as_indices`), or a seeded stratified split."
     if (train_indices is None) != (test_indices is None): raise ValueError("give both train_indices and test_indices, or neither")
     if train_indices is None: return train_test_split(np.arange(len(y)), test_size=test_size, stratify=y, random_state=seed)
-    return _positions(train_indices, len(y)), _positions(test_indices, len(y))
+    return as_indices(train_indices, obs_names, name="train_indices"), as_indices(test_indices, obs_names, name="test_indices")
 
 def _accuracies(features, y_true, y_pred):
     "Tidy accuracy and balanced-accuracy rows."
@@ -169,7 +161,7 @@ def mec_score(
 ) -> pd.DataFrame:  # tidy: features ("chance" = stratified dummy), target_key, metric, value, n_train, n_test
     "Mixed-effects classifier: random-forest test accuracy of `target_key` from FE, or FE + RE, latents (spec §3.8)."
     y = _labels(adata, target_key)
-    train, test = _split(y, train_indices, test_indices, test_size=test_size, seed=seed)
+    train, test = _split(y, adata.obs_names, train_indices, test_indices, test_size=test_size, seed=seed)
     feature_sets = [(r, _rep(adata, r)) if isinstance(r, str) else ("+".join(r), np.hstack([_rep(adata, k) for k in r]))
                     for r in ([use_rep] if isinstance(use_rep, str) else use_rep)]
     rows = []

@@ -43,7 +43,7 @@ def _new_figure(figsize) -> Figure:
 
 def _finish(fig: Figure, save: str | Path | None) -> Figure:
     "Write `fig` to `save` (format from the suffix) when a path is given; return `fig`."
-    if save is not None: fig.savefig(save, dpi=150, bbox_inches="tight")
+    if save is not None: fig.savefig(Path(save).expanduser(), dpi=150, bbox_inches="tight")
     return fig
 
 def categorical_colors(

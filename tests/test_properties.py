@@ -18,6 +18,7 @@ SETTINGS = settings(max_examples=int(os.environ.get("SCMEDAL_HYPOTHESIS_EXAMPLES
                     derandomize=not os.environ.get("SCMEDAL_HYPOTHESIS_EXAMPLES"),  # CI: the same examples every run
                     suppress_health_check=[HealthCheck.too_slow])
 FORMATS = st.sampled_from(["dense", "csr", "csc"])
+pytestmark = pytest.mark.filterwarnings("ignore:.*like raw counts")  # random integer matrices registered on purpose
 
 
 @st.composite

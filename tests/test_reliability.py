@@ -2,6 +2,7 @@
 resumes exactly, atomic saves, unseen batches, dense/sparse/backed matrices and mismatched genes."""
 import logging
 import os
+import random
 import warnings
 
 import anndata as ad
@@ -270,7 +271,7 @@ def test_datamodule_unregistered_and_bad_scaling(adata):
     bare = bad_copy(adata)
     raises_cleanly(lambda: data.SCMEDALDataModule(bare), bare, KeyError, "setup_anndata")
     raises_cleanly(lambda: data.SCMEDALDataModule(adata, scaling="zscore"), adata, ValueError, "'global' or 'gene'")
-    raises_cleanly(lambda: data.SCMEDALDataModule(adata, train_indices=[]), adata, ValueError, "zero cells")
+    raises_cleanly(lambda: data.SCMEDALDataModule(adata, train_indices=[]), adata, ValueError, "train_indices selects no cells")
 
 
 # ---------------------------------------------------------------- backed AnnData
@@ -607,7 +608,7 @@ def test_counterfactual_to_unseen_batch_refused(model, adata):
     new = with_batch(adata, "donor_new")
     for target in ("donor_new", "donor9", 3):
         raises_cleanly(lambda: model.get_counterfactual(new, transform_batch=target), new, ValueError,
-                       f"cannot make counterfactuals to batch {target!r}: it was not seen in training")
+                       f"cannot make counterfactuals to batch {target!r}: it had no training cells")
 
 
 def test_counterfactual_from_unseen_batch(model, adata):
@@ -616,3 +617,166 @@ def test_counterfactual_from_unseen_batch(model, adata):
     np.testing.assert_array_equal(model.get_counterfactual(new, transform_batch="donor1"),
                                   model.get_counterfactual(adata[:60], transform_batch="donor1"))
     with pytest.warns(UserWarning, match="donor_new"): model.get_counterfactual(new, transform_batch="donor1", mode="decoder")
+
+
+# ---------------------------------------------------------------- the inputs users really have (issue 13)
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint16])
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_integer_counts_run_end_to_end(counts, dtype, fmt):
+    "10x counts as integers go through preprocess, setup_anndata and training; the input keeps its integers."
+    raw = counts.copy()
+    raw.X = as_format(counts.X.toarray().astype(dtype), fmt)
+    before = snapshot(raw)
+    adata = data.preprocess(raw, n_top_genes=100)
+    assert_unchanged(raw, before)
+    data.setup_anndata(adata, batch_key="batch")
+    z = SCMEDAL(adata, models=("fe",), **SMALL).train(max_epochs=1, batch_size=128, progress_bar=False).get_latent_representation()
+    assert np.isfinite(z).all()
+
+
+def test_registering_integer_counts_warns(counts):
+    with pytest.warns(UserWarning, match="whole numbers, like raw counts"): data.setup_anndata(counts.copy(), batch_key="batch")
+
+
+@pytest.mark.parametrize("values,shown", [([1, "1"], "1 and '1'"), ([True, "True"], "True and 'True'"), ([2.0, "2.0"], "2.0 and '2.0'")])
+@pytest.mark.parametrize("key", ["batch_key", "labels_key", "condition_key"])
+def test_columns_mixing_types_that_print_alike_are_refused(adata, values, shown, key):
+    bad = bad_copy(adata)
+    bad.obs["mixed"] = pd.Series(values * (bad.n_obs // 2), index=bad.obs_names, dtype=object)
+    kwargs = {"batch_key": "batch", key: "mixed"}
+    raises_cleanly(lambda: data.setup_anndata(bad, **kwargs), bad, ValueError, f"mixes values that read the same as text, {shown}")
+
+
+def test_float64_beyond_float32_is_refused(adata):
+    bad = bad_copy(adata, "dense")
+    bad.X = bad.X.astype(np.float64)
+    bad.X[0, 0] = 1e300
+    raises_cleanly(lambda: data.setup_anndata(bad, batch_key="batch"), bad, ValueError, "beyond float32's range")
+
+
+def test_boolean_mask_equals_positions(adata):
+    positions = np.arange(0, adata.n_obs, 2)
+    mask = np.zeros(adata.n_obs, bool); mask[positions] = True
+    quick = dict(max_epochs=1, batch_size=128, progress_bar=False)
+    by_mask = SCMEDAL(adata, models=("re",), **SMALL).train(train_indices=mask, **quick)
+    by_name = SCMEDAL(adata, models=("re",), **SMALL).train(train_indices=adata.obs_names[positions], **quick)
+    by_position = SCMEDAL(adata, models=("re",), **SMALL).train(train_indices=positions, **quick)
+    for other in (by_mask, by_name): assert_same_weights(other, by_position)
+    raises_cleanly(lambda: SCMEDAL(adata, models=("re",), **SMALL).train(train_indices=mask[:2], **quick), adata, ValueError,
+                   "train_indices is a boolean mask of 2 values for 400 cells")
+
+
+@pytest.mark.parametrize("n_train,batch_size", [(257, 128), (129, 128), (2, 128)])
+def test_last_minibatch_of_one_cell_trains(adata, n_train, batch_size):
+    model = SCMEDAL(adata, models=("fe", "re"), **SMALL).train(train_indices=np.arange(n_train), max_epochs=2,
+                                                               batch_size=batch_size, progress_bar=False)
+    assert np.isfinite(model.get_latent_representation(kind="re")).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_epochs=0), "max_epochs must be an integer >= 1, got 0"), (dict(max_epochs=-1), "max_epochs.*got -1"),
+    (dict(max_epochs=2.5), "max_epochs.*got 2.5"), (dict(max_epochs=True), "max_epochs.*got True"),
+    (dict(batch_size=1), "batch_size must be an integer >= 2"), (dict(lr=0), "lr must be a finite number > 0"),
+    (dict(lr=float("inf")), "lr must be"), (dict(patience=0), "patience must be"),
+    (dict(train_indices=[0.5, 1.5]), "integer positions, a boolean mask or obs names"),
+    (dict(train_indices=[0, 0, 1]), "train_indices repeats 1 cells"), (dict(train_indices=[400]), "outside 0..399"),
+    (dict(train_indices=np.arange(10), val_indices=np.arange(5, 20)), "share 5 cells"),
+    (dict(loss_weights={"aec": {"w_recon": 1}}), "does not have: \\['aec'\\]")])
+def test_train_refuses_bad_options(adata, kwargs, match):
+    model = SCMEDAL(adata, models=("fe", "re"), **SMALL)
+    raises_cleanly(lambda: model.train(progress_bar=False, **{"max_epochs": 1, **kwargs}), adata, ValueError, match)
+    assert not model.is_trained
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(models=()), "at least one"), (dict(models=("fe", "fe")), "twice"), (dict(models=("mixed",)), "must include 'fe'"),
+    (dict(n_latent=0), "n_latent must be an integer >= 1, got 0"), (dict(n_hidden=()), "n_hidden must hold"),
+    (dict(n_hidden=(32, 0)), "each of n_hidden must be"), (dict(dataset="foo"), "dataset must be None or one of"),
+    (dict(scaling="zscore"), "scaling must be one of"), (dict(seed=-1), "seed must be an integer >= 0"),
+    (dict(module_kwargs={"ae": {}}), "models that are not built: \\['ae'\\]")])
+def test_constructor_refuses_bad_options(adata, kwargs, match):
+    raises_cleanly(lambda: SCMEDAL(adata, **{**SMALL, **kwargs}), adata, ValueError, match)
+
+
+def test_divergence_is_reported_during_training(adata):
+    model = SCMEDAL(adata, models=("re",), **SMALL)
+    with torch.no_grad(): next(model.modules["re"].parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="training of 're' diverged in epoch 0"):
+        model.train(max_epochs=3, batch_size=128, progress_bar=False)
+    assert not model.is_trained
+
+
+def test_batch_without_training_cells(adata):
+    train = np.flatnonzero(adata.obs.batch != "donor2")
+    with pytest.warns(UserWarning, match="batches with no training cells: \\['donor2'\\]"):
+        model = SCMEDAL(adata, **SMALL).train(train_indices=train, val_indices=np.flatnonzero(adata.obs.batch == "donor2"),
+                                                max_epochs=1, batch_size=128, progress_bar=False)
+    raises_cleanly(lambda: model.get_counterfactual(transform_batch="donor2"), adata, ValueError, "'donor2': it had no training cells")
+    cells = adata[adata.obs.batch == "donor2"].copy()
+    with pytest.warns(UserWarning, match="not seen in training: \\['donor2'\\]"): z = model.get_latent_representation(cells, kind="re")
+    new = cells.copy(); new.obs["batch"] = "donor_new"
+    with pytest.warns(UserWarning): np.testing.assert_array_equal(z, model.get_latent_representation(new, kind="re"))  # as unseen
+
+
+@pytest.mark.parametrize("n_samples", [1, -1, 2.5, True])
+def test_counterfactual_samples_need_two_draws(model, adata, n_samples):
+    raises_cleanly(lambda: model.get_counterfactual(transform_batch="donor1", n_samples=n_samples), adata, ValueError, "n_samples")
+
+
+def test_counterfactual_sampling_is_reproducible(model):
+    first, second = (model.get_counterfactual(transform_batch="donor1", n_samples=3) for _ in range(2))
+    for a, b in zip(first, second): np.testing.assert_array_equal(a, b)
+    assert np.isfinite(first[1]).all() and (first[1] > 0).any()
+
+
+def random_states():
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+@pytest.mark.parametrize("step", ["construct", "train", "sample"])
+def test_global_random_state_is_left_alone(model, adata, step, monkeypatch):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    torch.manual_seed(11); np.random.seed(11); random.seed(11)
+    before = random_states()
+    if step == "construct": SCMEDAL(adata, **SMALL, seed=5)
+    if step == "train": SCMEDAL(adata, models=("fe",), **SMALL, seed=5).train(max_epochs=1, batch_size=128, progress_bar=False)
+    if step == "sample": model.get_counterfactual(transform_batch="donor1", n_samples=2)
+    after = random_states()
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+    assert "PL_GLOBAL_SEED" not in os.environ
+
+
+class CodeThatRuns:
+    def __reduce__(self): return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 64, os.urandom(512), "pickle", "foreign", "no format"],
+                         ids=["empty", "zeros", "random bytes", "pickle with code", "foreign dict", "no format"])
+def test_load_refuses_what_is_not_a_model(tmp_path, content):
+    file = tmp_path / "model.pt"
+    if content == "pickle": torch.save(dict(format=("scmedal-model", 2), init_params=CodeThatRuns()), file)
+    elif content == "foreign": torch.save(torch.nn.Linear(2, 2), file)
+    elif content == "no format": torch.save(dict(init_params={}, weights={}), file)
+    else: file.write_bytes(content)
+    with pytest.raises(ValueError, match="cannot read|not a scmedal model file"): SCMEDAL.load(tmp_path)
+
+
+def test_model_file_opens_with_weights_only(model, tmp_path):
+    model.save(tmp_path)
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert state["format"] == ("scmedal-model", 2)
+    torch.save(dict(state, format=("scmedal-model", 99)), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="format 99; this scmedal reads format 2"): SCMEDAL.load(tmp_path)
+
+
+def test_paths_with_tilde(model, adata, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model.save("~/models/m")
+    assert (tmp_path / "models" / "m" / "model.pt").is_file() and not os.path.exists("~")
+    assert_same_outputs(outputs(SCMEDAL.load("~/models/m", adata), adata), outputs(model, adata))
+
+
+def test_simulate_refuses_bad_sizes():
+    for kwargs, match in [(dict(n_cells=0), "n_cells must be an integer >= 1"), (dict(n_genes=-5), "n_genes"),
+                          (dict(n_batches=1), "n_batches must be an integer >= 2"), (dict(dispersion=0), "dispersion must be")]:
+        with pytest.raises(ValueError, match=match): data.simulate(**kwargs)
