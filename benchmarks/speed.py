@@ -1,7 +1,7 @@
 """Training speed, time to a converged model and peak memory of scMEDAL-FE, scMEDAL-RE and scVI on the same cells.
 
 On the AML data (fold 1 of the paper's rotation: 7,038 training, 2,346 validation, 2,347 test cells, 2,916 genes;
-from $SCMEDAL_DATA_DIR or ../shared/data), each model is trained in its own process (so that its peak RSS is its
+from $SCMEDAL_DATA_DIR or the user cache), each model is trained in its own process (so that its peak RSS is its
 own), one after the other, and the script prints per model:
 
 * steady-state training speed: cells/s of the training part of an epoch (validation excluded), median over the
@@ -76,7 +76,7 @@ from scmedal.model import SCMEDAL
 
 BATCH_SIZE, SEED, BATCH_KEY, LABELS_KEY = 512, 0, "patient", "cell_type"
 NAMES = {"fe": "scMEDAL-FE", "re": "scMEDAL-RE", "scvi": "scVI"}
-PAPER_ASW = {"fe": (-0.04, 0.05), "re": (0.69, -0.07), "scvi": (-0.24, 0.03)}  # spec §8.1: batch, cell-type ASW
+PAPER_ASW = {"fe": (-0.04, 0.05), "re": (0.69, -0.07), "scvi": (-0.24, 0.03)}  # the paper's AML 5-fold means (Figures 4 and 8): batch, cell-type ASW
 aten = torch.ops.aten
 MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
 Layout = collections.namedtuple("Layout", "shape stride dtype")  # of one tensor argument of a recorded matmul
@@ -159,7 +159,7 @@ def scmedal_fit(kind, adata, split, *, max_epochs, lr, patience=None, callbacks=
 
 
 def scvi_fit(adata, split, *, max_epochs, callbacks=(), **trainer_kwargs):
-    "scVI with the paper's settings (spec §7) and scvi-tools' default early stopping, on the fold's training cells."
+    "scVI with the paper's settings and scvi-tools' default early stopping, on the fold's training cells."
     early = "val" in split
     model = peers.train_scvi(adata, batch_key=BATCH_KEY, train_indices=split["train"], max_epochs=max_epochs,
                              batch_size=BATCH_SIZE, early_stopping=early, seed=SEED, accelerator="cpu",
@@ -240,8 +240,9 @@ def in_own_process(kind, path, name, args):
 # --- data, report ---------------------------------------------------------------------------------------------
 
 def data_folder():
-    "Where the AML file is: $SCMEDAL_DATA_DIR, else shared/data beside the repository."
-    return Path(os.environ.get("SCMEDAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    "Where the AML file is ($SCMEDAL_DATA_DIR, then the user cache); None lets `datasets` download and build it there."
+    path = datasets.find_dataset("vangalen2019_aml")
+    return path.parent if path else None
 
 
 def registered(adata):
@@ -342,7 +343,7 @@ def main(argv=None):
         fe_re = by["scMEDAL-FE"]["fit_s"] + by["scMEDAL-RE"]["fit_s"]
         print(f"\nAML: FE + RE fit {fe_re:.0f} s vs scVI fit {by['scVI']['fit_s']:.0f} s: ratio {fe_re / by['scVI']['fit_s']:.2f}")
     print("share of the matmul ceiling: " + "; ".join(f"{r['data']} {r['model']} {r['ratio']:.0%}" for r in results))
-    print("paper (5-fold means, spec §8.1) batch / cell-type ASW: "
+    print("paper (5-fold means) batch / cell-type ASW: "
           + ", ".join(f"{NAMES[k]} {b:.2f} / {c:.2f}" for k, (b, c) in PAPER_ASW.items()))
     if args.out: Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -7,14 +7,23 @@ __all__ = ['looks_normalized', 'prepare', 'run', 'main']
 
 # %% ../nbs/06_cli.ipynb #60a6e312
 import argparse
+import errno
 import logging
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 import scanpy as sc
 
@@ -23,15 +32,126 @@ from . import plotting as pl
 from .model import SCMEDAL
 
 # %% ../nbs/06_cli.ipynb #2ad991ce
+_SKIP_GUESS = " (--normalized yes or no skips this guess)"
+
+def _sample_rows(
+    X,  # cells × genes, dense or sparse
+    n_rows: int = 1000,  # rows to draw
+    seed: int = 0,  # seed of the draw
+):
+    "A seeded sample of at most `n_rows` rows of `X`, in their original order."
+    if X is None: raise ValueError("the input has no X matrix")
+    return X[np.sort(np.random.default_rng(seed).choice(X.shape[0], min(n_rows, X.shape[0]), replace=False))]
+
+def _nonzero_values(block) -> np.ndarray:  # float64
+    "The finite non-zero values of a block of rows."
+    values = np.asarray(block.data if sparse.issparse(block) else block, dtype=np.float64).ravel()
+    return values[np.isfinite(values) & (values != 0)]
+
+def _integers(
+    values: np.ndarray,  # values to test
+    rtol: float = 0.0,  # tolerance, relative to the value (float32 round-off)
+) -> bool:  # every value is a whole number
+    "Whether every value is a whole number, up to a relative tolerance."
+    return bool(np.all(np.abs(values - np.round(values)) <= rtol * np.maximum(1, values)))
+
 def looks_normalized(
     adata: ad.AnnData,  # input data
     *,
-    n_values: int = 100_000,  # how many stored values to inspect
-) -> bool:  # True when X holds non-integer values (already normalised)
-    "Guess whether X is already normalised: any non-integer among the first stored values."
-    X = adata.X
-    values = X.data[:n_values] if hasattr(X, "data") and not isinstance(X, np.ndarray) else np.asarray(X).ravel()[:n_values]
-    return bool(np.any(values != np.round(values)))
+    n_rows: int = 1000,  # cells to inspect (a seeded sample)
+) -> bool:  # False: raw counts; True: log-normalised
+    "Classify X as raw counts or log-normalised from a sample of cells; anything else raises a ValueError saying what to do."
+    block = _sample_rows(adata.X, n_rows)
+    values = _nonzero_values(block)
+    if values.size < 20: raise ValueError(f"cannot tell raw counts from log-normalised data with {values.size} non-zero values" + _SKIP_GUESS)
+    if values.min() < 0: raise ValueError(f"X holds negative values (min {values.min():.3g}): scaled data? pass the raw counts" + _SKIP_GUESS)
+    if _integers(values): return False
+    fractions = values - np.floor(values)
+    if np.ptp(fractions) < 1e-3:
+        raise ValueError(f"X looks like counts plus a constant offset (every value ends in {fractions[0]:.3g}): pass the raw counts" + _SKIP_GUESS)
+    totals = np.asarray(block.sum(axis=1)).ravel()
+    totals = totals[totals > 0]
+    if len(totals) > 1 and np.ptp(totals) <= 1e-3 * totals.max():
+        raise ValueError(f"every cell of X sums to {totals.max():.4g}: normalised but not log-transformed? log1p it, or pass the raw counts" + _SKIP_GUESS)
+    if values.max() > 30:
+        raise ValueError(f"X holds fractional values up to {values.max():.3g}, too large for log-normalised data: log1p it, or pass the raw counts" + _SKIP_GUESS)
+    if _integers(np.expm1(values), rtol=1e-5):
+        raise ValueError("X looks like log1p of counts without library-size normalisation: pass the raw counts" + _SKIP_GUESS)
+    if values.max() > 20: raise ValueError(f"cannot tell whether X (values up to {values.max():.3g}) is log-normalised" + _SKIP_GUESS)
+    return True
+
+# %% ../nbs/06_cli.ipynb #c24cbf7d
+def _read_h5ad(
+    path,  # an .h5ad file (`~` is expanded)
+) -> ad.AnnData:
+    "Read an .h5ad file; a missing, unreadable, non-HDF5 or damaged file is an error naming it."
+    path = Path(path).expanduser()
+    if not path.exists(): raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+    if path.is_dir(): raise IsADirectoryError(errno.EISDIR, "is a folder, not an .h5ad file", str(path))
+    with open(path, "rb"): pass  # an unreadable file raises PermissionError naming it
+    if not h5py.is_hdf5(path): raise ValueError(f"{path} is not an .h5ad file (not HDF5)")
+    try: return ad.read_h5ad(path)
+    except Exception as e: raise ValueError(f"cannot read {path}: damaged or truncated .h5ad file ({type(e).__name__}: {e})") from None
+
+# %% ../nbs/06_cli.ipynb #802b8668
+def _check_out(
+    out,  # output folder, or file with `folder=False` (`~` is expanded)
+    *,
+    overwrite: bool = False,  # an existing output may be replaced
+    folder: bool = True,  # the output is a folder (`run`) rather than a file (`counterfactual`)
+    input=None,  # the input file, which the output may neither be nor contain
+) -> Path:  # `out`
+    "Refuse, before any work, an output that cannot be written or whose writing would destroy something."
+    out = Path(out).expanduser()
+    source = None if input is None else Path(input).expanduser().resolve()
+    if source is not None and source.is_relative_to(out.resolve()):
+        raise ValueError(f"the output {out} {'is' if source == out.resolve() else 'holds'} the input {input}: write the output elsewhere")
+    if folder and Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"the output {out} is or holds the current folder: choose a new folder")
+    if out.exists():
+        if out.is_dir() != folder: raise FileExistsError(f"{out} exists and is {'not ' if folder else ''}a folder")
+        if folder and not any(out.iterdir()): pass  # an empty folder is used as it is
+        elif not overwrite: raise FileExistsError(f"{out} exists{' and is not empty' if folder else ''}: pass --overwrite to replace it")
+        elif folder and not (out / "report.md").is_file():
+            raise FileExistsError(f"{out} is not a scmedal output (no report.md), so --overwrite will not replace it: remove it yourself")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent: parent = parent.parent  # the nearest existing folder: missing ones are created
+    if not parent.is_dir(): raise NotADirectoryError(errno.ENOTDIR, "cannot create the output inside a file", str(parent))
+    if not os.access(parent, os.W_OK | os.X_OK): raise PermissionError(errno.EACCES, "permission denied", str(parent))
+    return out
+
+def _move_into_place(
+    tmp: Path,  # the complete output, beside `out`
+    out: Path,  # where it belongs
+):
+    "Rename `tmp` to `out`; an existing folder `out` is renamed aside first and deleted only once `tmp` is in place."
+    if not out.is_dir(): return os.replace(tmp, out)  # a file, or a new folder: one atomic rename
+    aside = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
+    os.replace(out, aside)
+    try: os.replace(tmp, out)
+    except BaseException: os.replace(aside, out); raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+@contextmanager
+def _staged(
+    out,  # the output, checked by `_check_out`
+    *,
+    folder: bool = True,  # stage a folder (else a file)
+):
+    "Yield a hidden temporary path beside `out`, moved to `out` when the block succeeds and removed when it fails."
+    out = Path(os.path.abspath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}.tmp-"
+    if folder: tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    else:
+        handle, name = tempfile.mkstemp(prefix=prefix, suffix=out.suffix, dir=out.parent)
+        os.close(handle); tmp = Path(name)
+    try:
+        yield tmp
+        _move_into_place(tmp, out)
+    finally:
+        if tmp.is_dir(): shutil.rmtree(tmp, ignore_errors=True)
+        else: tmp.unlink(missing_ok=True)
 
 # %% ../nbs/06_cli.ipynb #a3347866
 def prepare(
@@ -40,14 +160,18 @@ def prepare(
     batch_key: str,  # random-effect grouping
     labels_key: str | None = None,  # cell types (optional)
     condition_key: str | None = None,  # sample-level target for the MEC (optional)
-    normalized: bool | None = None,  # None: detect from the values
+    normalized: bool | None = None,  # None: decide from the values (`looks_normalized`)
     n_top_genes: int = 2916,  # highly variable genes
 ) -> ad.AnnData:  # preprocessed, registered copy
     "Preprocess (unless already normalised) and register a user's AnnData."
-    for key in (batch_key, labels_key, condition_key):
-        if key is not None and key not in adata.obs: raise KeyError(f"'{key}' is not a column of the input's obs; available: {list(adata.obs.columns)}")
-    if normalized is None: normalized = looks_normalized(adata)
-    print(f"input: {adata.n_obs} cells x {adata.n_vars} genes, treated as {'log-normalised' if normalized else 'raw counts'}")
+    keys = [key for key in (batch_key, labels_key, condition_key) if key is not None]
+    for key in keys:
+        if key not in adata.obs: raise KeyError(f"'{key}' is not a column of the input's obs; available: {list(adata.obs.columns)}")
+    if len(set(keys)) < len(keys): raise ValueError(f"the batch, labels and condition keys must be different columns, got {keys}")
+    guessed = normalized is None
+    if guessed: normalized = looks_normalized(adata)
+    print(f"input: {adata.n_obs} cells x {adata.n_vars} genes, treated as {'log-normalised' if normalized else 'raw counts'}"
+          + (" (guessed from the values)" if guessed else ""))
     adata = data.preprocess(adata, n_top_genes=n_top_genes, normalized=normalized)
     data.setup_anndata(adata, batch_key=batch_key, labels_key=labels_key, condition_key=condition_key)
     return adata
@@ -64,29 +188,31 @@ def run(
     lr: float = 1e-4,  # Adam learning rate (the paper's 1e-4)
     seed: int = 0,  # seed of everything
     progress_bar: bool = True,  # Lightning progress bars
+    overwrite: bool = False,  # replace an existing output folder (once the new one is complete)
 ) -> dict:  # paths of what was written
-    "Train FE, RE and the mixed-effects decoder on fold 1; write latents, counterfactuals, metrics, figures, the model, a report."
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    "Train FE, RE and the mixed-effects decoder on fold 1; write latents, counterfactuals, metrics, figures, the model, a report: all or nothing."
+    out = _check_out(out, overwrite=overwrite)
     reg = adata.uns["scmedal"]
     split = data.kfold_splits(adata, batch_key=reg["batch_key"], labels_key=reg["labels_key"])[0]
-    start = time.time()
-    model = SCMEDAL(adata, models=("fe", "re", "mixed"), n_hidden=n_hidden, n_latent=n_latent, seed=seed)
-    model.train(max_epochs=epochs, batch_size=batch_size, lr=lr, train_indices=split["train"], val_indices=split["val"],
-                progress_bar=progress_bar)
-    print(f"trained FE and RE for {epochs} epochs in {time.time() - start:.0f} s")
-    for kind in ("fe", "re"): adata.obsm[f"X_scmedal_{kind}"] = model.get_latent_representation(kind=kind)
-    adata.obs["scmedal_split"] = pd.Categorical.from_codes(_split_codes(split, adata.n_obs), ["train", "val", "test"])
-    paths = dict(adata=out / "adata.h5ad", counterfactuals=out / "counterfactuals.h5ad", model=out / "model",
-                 metrics=out / "metrics.csv", history=out / "history.csv")
-    adata.write_h5ad(paths["adata"])
-    cf = _counterfactual_anndata(model, adata)
-    cf.write_h5ad(paths["counterfactuals"])
-    model.save(paths["model"], overwrite=True)
-    _scores(adata, split).to_csv(paths["metrics"], index=False)
-    pd.concat(model.history, names=["model"]).to_csv(paths["history"])
-    paths |= _figures(out, adata, cf, model)
-    paths["report"] = _report(out, paths, adata, model, epochs)
-    return paths
+    with _staged(out) as folder:
+        start = time.time()
+        model = SCMEDAL(adata, models=("fe", "re", "mixed"), n_hidden=n_hidden, n_latent=n_latent, seed=seed)
+        model.train(max_epochs=epochs, batch_size=batch_size, lr=lr, train_indices=split["train"], val_indices=split["val"],
+                    progress_bar=progress_bar)
+        print(f"trained FE and RE for {epochs} epochs in {time.time() - start:.0f} s")
+        for kind in ("fe", "re"): adata.obsm[f"X_scmedal_{kind}"] = model.get_latent_representation(kind=kind)
+        adata.obs["scmedal_split"] = pd.Categorical.from_codes(_split_codes(split, adata.n_obs), ["train", "val", "test"])
+        paths = dict(adata=folder / "adata.h5ad", counterfactuals=folder / "counterfactuals.h5ad", model=folder / "model",
+                     metrics=folder / "metrics.csv", history=folder / "history.csv")
+        adata.write_h5ad(paths["adata"])
+        cf = _counterfactual_anndata(model, adata)
+        cf.write_h5ad(paths["counterfactuals"])
+        model.save(paths["model"])
+        _scores(adata, split).to_csv(paths["metrics"], index=False)
+        pd.concat(model.history, names=["model"]).to_csv(paths["history"])
+        paths |= _figures(folder, adata, cf, model)
+        paths["report"] = _report(folder, paths, adata, model, epochs)
+    return {name: out / path.relative_to(folder) for name, path in paths.items()}
 
 def _split_codes(split, n_obs):
     codes = np.empty(n_obs, dtype=int)
@@ -108,11 +234,11 @@ def _counterfactual_anndata(model, adata, *, max_cells=2000, seed=0):
     return cf
 
 def _scores(adata, split):
-    "Clustering scores on the test cells and the MEC for every target (condition, cell type, batch)."
+    "Clustering scores on the test cells, and the MEC for the condition and the cell type where given."
     reg, test = adata.uns["scmedal"], adata[split["test"]]
     reps = ["X_scmedal_fe", "X_scmedal_re"]
     scores = metrics.clustering_scores(test, use_rep=reps, batch_key=reg["batch_key"],
-                                       labels_key=reg["labels_key"] or reg["batch_key"]).assign(table="clustering")
+                                       labels_key=reg["labels_key"]).assign(table="clustering")
     targets = [k for k in (reg["condition_key"], reg["labels_key"]) if k]
     mecs = [metrics.mec_score(adata, target_key=t, use_rep=("X_scmedal_fe", ("X_scmedal_fe", "X_scmedal_re")),
                               train_indices=split["train"], test_indices=split["test"]) for t in targets]
@@ -147,14 +273,17 @@ def _genomaps(cf, model, path):
 # %% ../nbs/06_cli.ipynb #4801ed91
 def _report(out, paths, adata, model, epochs):
     "A short Markdown report linking every output."
-    scores = pd.read_csv(paths["metrics"])
+    reg, scores = model.registry, pd.read_csv(paths["metrics"])
     clustering = scores[scores.table == "clustering"].pivot_table(index="embedding", columns=["label", "metric"], values="value")
-    mec = scores[scores.table == "mec"].pivot_table(index=["target_key", "features"], columns="metric", values="value")
-    lines = [f"# scMEDAL run", "", f"{adata.n_obs} cells x {adata.n_vars} genes; batch key `{model.registry['batch_key']}` "
-             f"({len(model.registry['batch_categories'])} batches); FE and RE trained for {epochs} epochs on fold 1 (60 % of cells).", "",
+    mec = scores[scores.table == "mec"]
+    mec = (mec.pivot_table(index=["target_key", "features"], columns="metric", values="value").round(3).to_string() if len(mec)
+           else "not run: no labels or condition were given (--labels-key, --condition-key), so there is nothing to predict")
+    given = "; ".join(f"{what} `{reg[f'{what}_key']}`" if reg[f"{what}_key"] else f"no {what} given" for what in ("labels", "condition"))
+    lines = [f"# scMEDAL run", "", f"{adata.n_obs} cells x {adata.n_vars} genes; batch key `{reg['batch_key']}` "
+             f"({len(reg['batch_categories'])} batches); {given}; FE and RE trained for {epochs} epochs on fold 1 (60 % of cells).", "",
              "## Clustering scores (test cells)", "", "FE should mix batches (low batch scores), RE separate them (high).", "",
              "```", clustering.round(3).to_string(), "```", "", "## Mixed-effects classifier (random forest, test cells)", "",
-             "```", mec.round(3).to_string() if len(mec) else "(no condition or labels key given)", "```", "", "## Files", ""]
+             "```", mec, "```", "", "## Files", ""]
     lines += [f"- [{name}]({Path(p).relative_to(out)})" for name, p in paths.items()]
     lines += ["", "## Figures", ""] + [f"![{name}]({Path(p).relative_to(out)})" for name, p in paths.items() if str(p).endswith(".png")]
     report = out / "report.md"
@@ -162,69 +291,123 @@ def _report(out, paths, adata, model, epochs):
     return report
 
 # %% ../nbs/06_cli.ipynb #6ebd75cc
+_MIN_CELLS = 100  # `scmedal demo --cells`: the fewest cells for a 5-fold split of 8 batches
+
+class _Parser(argparse.ArgumentParser):
+    "An ArgumentParser whose usage errors are one line, `scmedal <command>: error: <message>`, with exit code 2."
+    def error(self, message): self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+def _int_at_least(
+    minimum: int,  # smallest accepted value
+):
+    "An argparse type: a whole number >= `minimum`."
+    def parse(text):
+        try: value = int(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+        if value < minimum: raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
+        return value
+    return parse
+
 def _parser():
-    parser = argparse.ArgumentParser(prog="scmedal", description="scMEDAL: model batch effects with fixed- and random-effects autoencoders.")
+    "The `scmedal` argument parser: every option is checked as it is read."
+    parser = _Parser(prog="scmedal", description="scMEDAL: model batch effects with fixed- and random-effects autoencoders.")
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--overwrite", action="store_true", help="replace an existing output, once the new one is complete")
+    shared.add_argument("--debug", action="store_true", help="show the traceback of an error (or set SCMEDAL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the main job on bundled simulated data")
+    demo = sub.add_parser("demo", parents=[shared], help="run the main job on bundled simulated data")
     demo.add_argument("--out", default="scmedal_demo", help="output folder (default: scmedal_demo)")
-    demo.add_argument("--epochs", type=int, default=30)
-    demo.add_argument("--cells", type=int, default=3000)
+    demo.add_argument("--epochs", type=_int_at_least(1), default=30, help="epochs per network (default: 30)")
+    demo.add_argument("--cells", type=_int_at_least(_MIN_CELLS), default=3000, help="simulated cells (default: 3000)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    fit = sub.add_parser("fit", help="run the main job on your .h5ad file")
+    fit = sub.add_parser("fit", parents=[shared], help="run the main job on your .h5ad file")
     fit.add_argument("input", help="an .h5ad file (raw counts or log-normalised)")
     fit.add_argument("--batch-key", required=True, help="obs column with the batches (random-effect grouping)")
     fit.add_argument("--labels-key", help="obs column with cell types")
     fit.add_argument("--condition-key", help="obs column with a sample-level target, e.g. disease")
-    fit.add_argument("--normalized", choices=["auto", "yes", "no"], default="auto", help="is X already log-normalised?")
-    fit.add_argument("--n-top-genes", type=int, default=2916)
-    fit.add_argument("--epochs", type=int, default=100)
-    fit.add_argument("--out", default="scmedal_out")
+    fit.add_argument("--normalized", choices=["auto", "yes", "no"], default="auto", help="is X already log-normalised? (default: auto, guessed)")
+    fit.add_argument("--n-top-genes", type=_int_at_least(10), default=2916, help="highly variable genes (default: 2916)")
+    fit.add_argument("--epochs", type=_int_at_least(1), default=100, help="epochs per network (default: 100)")
+    fit.add_argument("--out", default="scmedal_out", help="output folder (default: scmedal_out)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
-    cf = sub.add_parser("counterfactual", help="write counterfactual expression with a saved model")
+    cf = sub.add_parser("counterfactual", parents=[shared], help="write counterfactual expression with a saved model")
     cf.add_argument("model", help="folder of a saved model (the `model/` of a run)")
-    cf.add_argument("input", help=".h5ad with the model's genes and batch column (log-normalised)")
+    cf.add_argument("input", help=".h5ad with the model's genes and batch column, log-normalised (e.g. the run's adata.h5ad)")
     cf.add_argument("--to-batch", required=True, help="batch every cell is moved to")
     cf.add_argument("--mode", choices=["mixed", "full", "decoder"], default="mixed",
                     help="mixed: the mixed-effects decoder (recovers known batch effects); full/decoder: the paper's RE variants")
-    cf.add_argument("--out", default="counterfactual.h5ad")
+    cf.add_argument("--out", default="counterfactual.h5ad", help="output .h5ad file (default: counterfactual.h5ad)")
     return parser
 
 # %% ../nbs/06_cli.ipynb #4d0db44a
 def _demo(args):
+    "`scmedal demo`: simulate, preprocess and run with quick settings."
     adata = data.simulate(n_cells=args.cells, n_genes=1000, n_batches=8, seed=0)
     adata = prepare(adata, batch_key="batch", labels_key="cell_type", condition_key="condition", n_top_genes=500)
     return run(adata, args.out, epochs=args.epochs, n_hidden=(256, 64), n_latent=20, batch_size=128, lr=1e-3,
-               progress_bar=not args.quiet)
+               progress_bar=not args.quiet, overwrite=args.overwrite)
 
 def _fit(args):
+    "`scmedal fit`: check the output, read, preprocess and run."
+    _check_out(args.out, overwrite=args.overwrite, input=args.input)  # before reading: a bad --out fails in a second
     normalized = {"auto": None, "yes": True, "no": False}[args.normalized]
-    adata = prepare(_read(args.input), batch_key=args.batch_key, labels_key=args.labels_key,
+    adata = prepare(_read_h5ad(args.input), batch_key=args.batch_key, labels_key=args.labels_key,
                     condition_key=args.condition_key, normalized=normalized, n_top_genes=args.n_top_genes)
-    return run(adata, args.out, epochs=args.epochs, progress_bar=not args.quiet)
+    return run(adata, args.out, epochs=args.epochs, progress_bar=not args.quiet, overwrite=args.overwrite)
 
 def _counterfactual(args):
-    adata = _read(args.input)
-    model = SCMEDAL.load(args.model, adata)
+    "`scmedal counterfactual`: move every cell of a log-normalised input to one batch with a saved model."
+    out = _check_out(args.out, overwrite=args.overwrite, folder=False, input=args.input)
+    model = SCMEDAL.load(args.model)
+    adata = _read_h5ad(args.input)
+    values = _nonzero_values(_sample_rows(adata.X))
+    if values.size and _integers(values):
+        raise ValueError(f"{args.input} holds raw counts (whole numbers), but the model expects log-normalised data: "
+                         "run scmedal.data.preprocess first, or pass the run's adata.h5ad")
     cf = model.get_counterfactual(adata, transform_batch=args.to_batch, mode=args.mode)
-    out = ad.AnnData(cf.astype(np.float32), obs=adata.obs.copy(), var=pd.DataFrame(index=model.var_names))
-    out.uns["scmedal_counterfactual"] = dict(to_batch=args.to_batch, mode=args.mode)
-    out.write_h5ad(args.out)
-    return dict(counterfactual=Path(args.out))
-
-def _read(path):
-    if not Path(path).is_file(): raise FileNotFoundError(f"no such file: {path}")
-    return ad.read_h5ad(path)
+    result = ad.AnnData(cf.astype(np.float32), obs=adata.obs.copy(), var=pd.DataFrame(index=model.var_names))
+    result.uns["scmedal_counterfactual"] = dict(to_batch=args.to_batch, mode=args.mode)
+    with _staged(out, folder=False) as tmp: result.write_h5ad(tmp)
+    return dict(counterfactual=out)
 
 # %% ../nbs/06_cli.ipynb #81c3d3e0
-def main(argv: list | None = None) -> int:  # exit code
-    "Entry point of the `scmedal` console script."
-    args = _parser().parse_args(argv)
+def _message(
+    e: Exception,  # the error
+) -> str:  # one line for the user
+    "One line for an error: an OSError as 'strerror: filename', a KeyError without repr quotes, an unexpected error with its type."
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror[:1].lower() + e.strerror[1:] + "".join(f": {f}" for f in (e.filename, e.filename2) if f is not None)
+    else: text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    text = " ".join(text.split())
+    if isinstance(e, (ValueError, OSError, RuntimeError)) or (isinstance(e, KeyError) and " " in text): return text
+    return f"{type(e).__name__}: {text or 'no message'} (rerun with --debug for the traceback)"
+
+def _interrupt(signum, frame): raise KeyboardInterrupt  # the SIGTERM handler
+
+@contextmanager
+def _sigterm_interrupts():
+    "While the block runs, SIGTERM (a scheduler's kill) interrupts it like Ctrl-C, so that outputs are cleaned up."
+    if threading.current_thread() is not threading.main_thread(): yield; return  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try: yield
+    finally: signal.signal(signal.SIGTERM, previous)
+
+def main(argv: list | None = None) -> int:  # exit code: 0 done, 2 error, 130 interrupted
+    "Entry point of the `scmedal` console script: any error is one line on stderr, a traceback only with --debug."
+    try: args = _parser().parse_args(argv)
+    except SystemExit as e: return e.code  # --help, or a usage error already printed as one line
+    debug = args.debug or os.environ.get("SCMEDAL_DEBUG", "") not in ("", "0")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no GPU/TPU/tip banners
     command = dict(demo=_demo, fit=_fit, counterfactual=_counterfactual)[args.command]
     try:
-        paths = command(args)
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"scmedal {args.command}: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        with _sigterm_interrupts(): paths = command(args)
+    except KeyboardInterrupt:
+        if debug: raise
+        print(f"scmedal {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug: raise
+        print(f"scmedal {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     for name, path in paths.items(): print(f"{name}: {path}")
     return 0

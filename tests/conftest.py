@@ -1,23 +1,21 @@
 """Shared pytest fixtures: where the real datasets live, and skipping cleanly when they are absent."""
-import os
 from pathlib import Path
 
 import pytest
 
-from scmedal.datasets import DATASETS
-
-REPO = Path(__file__).resolve().parents[1]
+from scmedal.datasets import DATASETS, data_dirs
 
 
-def real_data_dir() -> Path:
-    "`$SCMEDAL_DATA_DIR`, else the `shared/data` folder beside the repository."
-    return Path(os.environ.get("SCMEDAL_DATA_DIR", REPO.parent / "shared" / "data"))
+def real_data_dir() -> Path | None:
+    "The first of `scmedal.datasets.data_dirs()` (`$SCMEDAL_DATA_DIR`, then the user cache) holding every dataset file."
+    return next((folder for folder in data_dirs()
+                 if all((folder / info["filename"]).is_file() for info in DATASETS.values())), None)
 
 
 @pytest.fixture(scope="session")
 def data_dir():
-    "Folder with the real datasets; tests using it skip when the files are not there."
+    "Folder with the real datasets; tests using it skip when the files are not there (the tests never download)."
     folder = real_data_dir()
-    missing = [info["filename"] for info in DATASETS.values() if not (folder / info["filename"]).is_file()]
-    if missing: pytest.skip(f"real datasets not found in {folder}: {missing}")
+    if folder is None:
+        pytest.skip(f"real datasets not found in {[str(p) for p in data_dirs()]}: set SCMEDAL_DATA_DIR to their folder")
     return folder
