@@ -6,25 +6,25 @@ mixed-effects decoder and compares, for three donor pairs i -> j, the true mean 
 cells move from donor i to donor j (`data.simulated_log_expression`) with
 
 * the counterfactual change of the mixed-effects decoder (`get_counterfactual(mode="mixed")`) and of the
-  paper's RE counterfactual (`mode="full"`);
+  paper's RE counterfactuals (`mode="full"`, and `mode="decoder"`, the batch swapped in the decoder only);
 * FE's counterfactual change: FE has no batch input, so moving a cell changes nothing (a zero prediction);
-* the FE contrast: FE's reconstructions of donor j's cells minus donor i's, an observational comparison that
-  also carries the donors' different cell-type mixes and conditions.
+* the FE and RE contrasts: each network's reconstructions of donor j's cells minus donor i's, an observational
+  comparison that also carries the donors' different cell-type mixes and conditions.
 
-Scores per pair: Pearson r over genes and R^2 = 1 - |pred - truth|^2 / |truth|^2 (the share of the true change
-explained: 0 for the zero prediction, negative for a prediction worse than no change). `--concentration` sets how
-different the donors' cell-type mixes are (Dirichlet concentration; the simulator's default 5 gives similar
-mixes, 0.5 very different ones, as between patients with their own malignant cell types).
+Scores per pair (`scmedal.metrics.counterfactual_recovery`): Pearson r over genes and R^2 = 1 - |pred - truth|^2 /
+|truth|^2 (the share of the true change explained: 0 for the zero prediction, negative for a prediction worse than
+no change). `--concentration` sets how different the donors' cell-type mixes are (Dirichlet concentration; the
+simulator's default 5 gives similar mixes, 0.5 very different ones, as between patients with their own malignant
+cell types).
 
     python benchmarks/counterfactual_recovery.py [--concentration 5 0.5] [--seeds 0 1] [--epochs 100] [--threads 1]
 """
 import argparse
 
-import numpy as np
 import pandas as pd
 import torch
 
-from scmedal import SCMEDAL, data
+from scmedal import SCMEDAL, data, metrics
 from speed import quiet
 
 PAIRS = [("donor0", "donor1"), ("donor2", "donor5"), ("donor3", "donor4")]
@@ -45,28 +45,6 @@ def trained(adata, epochs, seed):
         max_epochs=epochs, lr=1e-3, batch_size=64, train_indices=split["train"], val_indices=split["val"], progress_bar=False)
 
 
-def predicted_changes(model, adata, source, target):
-    "Every method's predicted mean change per gene when the cells move from donor `source` to `target`."
-    move = lambda mode: (model.get_counterfactual(transform_batch=target, mode=mode)
-                         - model.get_counterfactual(transform_batch=source, mode=mode)).mean(0)
-    fe = model.get_reconstruction(kind="fe")
-    in_donor = lambda donor: (adata.obs.batch == donor).to_numpy()
-    return {"mixed counterfactual": move("mixed"), "RE counterfactual (paper)": move("full"),
-            "FE counterfactual": np.zeros(adata.n_vars), "FE contrast": fe[in_donor(target)].mean(0) - fe[in_donor(source)].mean(0)}
-
-
-def scores(model, adata):
-    "Pearson r and R^2 of every method, for every donor pair (long table)."
-    rows = []
-    for source, target in PAIRS:
-        truth = (data.simulated_log_expression(adata, batch=target) - data.simulated_log_expression(adata, batch=source)).mean(0)
-        for method, change in predicted_changes(model, adata, source, target).items():
-            r = np.corrcoef(truth, change)[0, 1] if change.any() else np.nan
-            rows.append(dict(pair=f"{source} -> {target}", method=method, r=r,
-                             R2=1 - ((change - truth) ** 2).sum() / (truth ** 2).sum()))
-    return pd.DataFrame(rows)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concentration", type=float, nargs="+", default=[5.0, 0.5], help="Dirichlet concentration(s) of the donors' cell-type mixes")
@@ -80,7 +58,8 @@ def main(argv=None):
         for seed in args.seeds:
             adata = simulated(concentration, seed)
             torch.set_num_threads(args.threads)  # after preprocessing, which may reset them
-            result = scores(trained(adata, args.epochs, seed), adata).assign(concentration=concentration, seed=seed)
+            model = trained(adata, args.epochs, seed)
+            result = metrics.counterfactual_recovery(model, adata, PAIRS).assign(concentration=concentration, seed=seed)
             print(f"\nconcentration {concentration:g}, seed {seed}:\n"
                   + result.pivot(index="pair", columns="method", values=["r", "R2"]).round(2).to_string(), flush=True)
             results.append(result)

@@ -1,15 +1,15 @@
 """Quality of scMEDAL next to its baselines on any .h5ad, with the paper's protocol.
 
-For each fold of the paper's five-fold rotation (spec §1.2) that is asked for: preprocess (unless the data
+For each fold of the paper's five-fold rotation that is asked for: preprocess (unless the data
 are already log-normalised), train the AE, scMEDAL-FE and scMEDAL-RE on the fold's training cells, fit
-PCA(50) on the min-max scaled training cells (spec §5.1), then score the fold's test cells:
+PCA(50) on the min-max scaled training cells, then score the fold's test cells:
 
-* clustering scores of every latent against batch and cell type: 1/DB, CH, ASW (spec §6.1, §8.1 layout);
+* clustering scores of every latent against batch and cell type: 1/DB, CH, ASW (laid out like the paper's AML scores);
 * the mixed-effects classifier for the condition: a random forest on FE, FE + RE, PCA, PCA + RE, and chance
-  (spec §3.8, §8.5 layout).
+  (laid out like the paper's Table 1).
 
 scVI and Harmony (`scmedal.peers`) are added when they are importable (`pip install "scmedal[bench]"`); scVI is
-given the raw counts (the paper fed it min-max scaled log data, spec §10.10) and stops early as scvi-tools does by
+given the raw counts (the paper fed it min-max scaled log data) and stops early as scvi-tools does by
 default. With `--folds 5` every table shows the mean [95 % CI] over folds.
 
     python benchmarks/quality.py data.h5ad --batch-key donor --labels-key cell_type [--condition-key disease]

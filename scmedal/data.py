@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['MIN_SPAN', 'check_int', 'check_positive', 'check_choice', 'simulate', 'simulated_log_expression', 'check_matrix',
-           'preprocess', 'fit_scaling', 'apply_scaling', 'scale_stored_values', 'invert_scaling', 'encode',
-           'setup_anndata', 'kfold_splits', 'as_indices', 'AnnDataRows', 'EpochShuffle', 'SCMEDALDataModule']
+           'preprocess', 'fit_scaling', 'apply_scaling', 'scale_stored_values', 'invert_scaling', 'obs_categories',
+           'encode', 'setup_anndata', 'get_registry', 'kfold_splits', 'as_indices', 'AnnDataRows', 'EpochShuffle',
+           'SCMEDALDataModule']
 
 # %% ../nbs/00_data.ipynb #63478c08
 import warnings
@@ -289,7 +290,12 @@ def invert_scaling(
     return x * _span(scaling).astype(np.float32) + scaling["min"]
 
 # %% ../nbs/00_data.ipynb #6fc38b5e
-def _categories(adata, key, *, allow_nan=False):
+def obs_categories(
+    adata: ad.AnnData,  # annotated data matrix
+    key: str,  # obs column
+    *,
+    allow_nan: bool = False,  # accept missing values (they are left out) instead of refusing them
+) -> list[str]:  # the categorical's order if categorical, else sorted; as text
     "Observed categories of `adata.obs[key]` in a stable order, with clear errors for missing keys and NaN."
     if key not in adata.obs: raise KeyError(f"'{key}' is not a column of adata.obs; available: {list(adata.obs.columns)}")
     col = adata.obs[key]
@@ -326,16 +332,25 @@ def setup_anndata(
     if check_matrix(_matrix(adata, layer), name=name):
         warnings.warn(f"{name} holds only whole numbers, like raw counts; scMEDAL models log-normalised expression "
                       f"(see `preprocess`)", stacklevel=2)
-    batches = _categories(adata, batch_key)
+    batches = obs_categories(adata, batch_key)
     if len(batches) < 2: raise ValueError(f"adata.obs['{batch_key}'] has only one batch ({batches[0]!r}); scMEDAL models differences between at least two")
     sizes = adata.obs[batch_key].astype(str).value_counts()
     small = sizes[sizes < 2]
     if len(small): raise ValueError(f"batches with fewer than 2 cells in adata.obs['{batch_key}']: {small.astype(int).to_dict()}")
     registry = dict(batch_key=batch_key, batch_categories=batches, layer=layer,
-                    labels_key=labels_key, label_categories=None if labels_key is None else _categories(adata, labels_key),
-                    condition_key=condition_key, condition_categories=None if condition_key is None else _categories(adata, condition_key))
+                    labels_key=labels_key, label_categories=None if labels_key is None else obs_categories(adata, labels_key),
+                    condition_key=condition_key, condition_categories=None if condition_key is None else obs_categories(adata, condition_key))
     adata.uns["scmedal"] = registry
     return registry
+
+# %% ../nbs/00_data.ipynb #50c67bac
+def get_registry(adata: ad.AnnData, # registered with `setup_anndata`
+                ) -> dict: # batch/label/condition keys and their category lists, as `setup_anndata` returned them
+    "The registry `setup_anndata` stored in `adata.uns['scmedal']`; a clear error if `adata` is not registered."
+    if "scmedal" not in adata.uns: raise KeyError("adata is not registered: call scmedal.data.setup_anndata(adata, batch_key=...) first")
+    return {k: _as_list(v) if k.endswith("_categories") else v for k, v in adata.uns["scmedal"].items()}
+
+def _as_list(categories): return None if categories is None else [str(c) for c in categories]
 
 # %% ../nbs/00_data.ipynb #1c9ca75f
 def kfold_splits(
@@ -348,7 +363,7 @@ def kfold_splits(
 ) -> list[dict]:  # per fold: {"train", "val", "test"} integer index arrays
     "The paper's stratified k-fold rotation: test = F(k-1), val = F(k mod n), train = the rest."
     n_splits = check_int(n_splits, "n_splits", minimum=3)  # test, validation and training folds
-    for key in filter(None, (batch_key, labels_key)): _categories(adata, key)  # clear errors for missing keys and NaN
+    for key in filter(None, (batch_key, labels_key)): obs_categories(adata, key)  # clear errors for missing keys and NaN
     strata = adata.obs[batch_key].astype(str)
     if labels_key is not None: strata = strata + "_" + adata.obs[labels_key].astype(str)
     sizes = adata.obs[batch_key].astype(str).value_counts()
@@ -396,7 +411,7 @@ class AnnDataRows(torch.utils.data.Dataset):
                  indices,  # cell indices this dataset serves
                  scaling: dict,  # parameters from `fit_scaling`
                  registry: dict | None = None):  # encodings; default adata.uns["scmedal"]
-        registry = registry or _registry(adata)
+        registry = registry or get_registry(adata)
         self.X = _matrix(adata, registry["layer"])
         self.indices, self.scaling = np.asarray(indices, dtype=np.int64), scaling
         self.zeros_stay_zero = bool(np.all(scaling["min"] == 0))  # then sparse rows are scaled before densifying
@@ -419,12 +434,11 @@ class AnnDataRows(torch.utils.data.Dataset):
             x = apply_scaling(x, self.scaling, inplace=True)
         return dict(x=torch.from_numpy(x), batch_index=self.batch_index[rows], label=self.label[rows])
 
-def _registry(adata):
-    "The registry `setup_anndata` stored, with categories as lists again (an .h5ad round trip makes them arrays)."
-    if "scmedal" not in adata.uns: raise KeyError("adata is not registered: call scmedal.data.setup_anndata(adata, batch_key=...) first")
-    return {k: _as_list(v) if k.endswith("_categories") else v for k, v in adata.uns["scmedal"].items()}
-
-def _as_list(categories): return None if categories is None else [str(c) for c in categories]
+    def loader(self,
+               batch_size: int,  # cells per minibatch
+               **kwargs):  # other `torch.utils.data.DataLoader` arguments: sampler, drop_last, generator, num_workers
+        "A DataLoader of whole minibatches: `__getitems__` reads each at once, so there is nothing to collate."
+        return torch.utils.data.DataLoader(self, batch_size=batch_size, collate_fn=_identity, **kwargs)
 
 def _identity(batch): return batch
 
@@ -460,7 +474,7 @@ class SCMEDALDataModule(L.LightningDataModule):
                  first_epoch: int = 0,  # epoch the training shuffle starts at (later when resuming a training)
                  num_workers: int = 0):  # DataLoader worker processes
         super().__init__()
-        self.adata, self.registry = adata, registry or _registry(adata)
+        self.adata, self.registry = adata, registry or get_registry(adata)
         self.batch_size = check_int(batch_size, "batch_size", minimum=2)  # BatchNorm needs two cells to normalise
         every = np.arange(adata.n_obs)
         cells = dict(train=train_indices, val=val_indices, test=test_indices)
@@ -474,16 +488,18 @@ class SCMEDALDataModule(L.LightningDataModule):
         self.scaling = scaling if isinstance(scaling, dict) else fit_scaling(X, method=scaling, indices=self.indices["train"])
         self.seed, self.first_epoch, self.num_workers = seed, first_epoch, num_workers
 
-    def _loader(self, split, shuffle=False):
-        "A loader over one split; its own generator keeps data loading off torch's global random stream."
+    def loader(self,
+               split: str,  # "train", "val", "test" or "predict" (every cell)
+               shuffle: bool = False):  # visit the cells in the seeded per-epoch order of `EpochShuffle`
+        "A loader over one split (an empty list if the split has no cells), seeded apart from torch's global stream."
         if self.indices[split] is None: return []
         rows = AnnDataRows(self.adata, self.indices[split], self.scaling, self.registry)
         sampler = EpochShuffle(len(rows), self.seed, self.first_epoch) if shuffle else None
         lone_last_cell = shuffle and len(rows) % self.batch_size == 1  # BatchNorm cannot train on one cell: skip it this epoch
-        return torch.utils.data.DataLoader(rows, batch_size=self.batch_size, sampler=sampler, collate_fn=_identity, drop_last=lone_last_cell,
-                                           generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers)
+        return rows.loader(self.batch_size, sampler=sampler, drop_last=lone_last_cell,
+                           generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers)
 
-    def train_dataloader(self): return self._loader("train", shuffle=True)
-    def val_dataloader(self): return self._loader("val")
-    def test_dataloader(self): return self._loader("test")
-    def predict_dataloader(self): return self._loader("predict")
+    def train_dataloader(self): return self.loader("train", shuffle=True)
+    def val_dataloader(self): return self.loader("val")
+    def test_dataloader(self): return self.loader("test")
+    def predict_dataloader(self): return self.loader("predict")

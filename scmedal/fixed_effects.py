@@ -5,11 +5,12 @@
 # %% auto #0
 __all__ = ['KERAS_BN_MOMENTUM', 'KERAS_BN_EPS', 'DEFAULT_LOSS_WEIGHTS', 'PAPER_LOSS_WEIGHTS', 'FE_BN_MOMENTUM',
            'GLIBC_MMAP_THRESHOLD_MAX', 'dense', 'batch_norm', 'Encoder', 'TiedDecoder', 'Classifier', 'LossOutput',
-           'classification_terms', 'loss_weights', 'FixedEffectsModule', 'adam', 'reuse_heap_for_step_tensors',
-           'EpochMeans', 'TrainingPlan', 'AdversarialTrainingPlan']
+           'classification_terms', 'loss_weights', 'FixedEffectsModule', 'n_trainable', 'adam',
+           'reuse_heap_for_step_tensors', 'EpochMeans', 'TrainingPlan', 'quiet_trainer', 'AdversarialTrainingPlan']
 
 # %% ../nbs/01_fixed_effects.ipynb #097cd9f8
 import inspect
+import tempfile
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -39,20 +40,18 @@ def batch_norm(n_features: int, # number of features
 
 # %% ../nbs/01_fixed_effects.ipynb #806d3c8f
 class Encoder(nn.Module):
-    "Dense encoder: per hidden width Linear → [BatchNorm] → SELU, then a SELU-activated latent Linear."
+    "Dense encoder: per hidden width Linear → BatchNorm → SELU, then a SELU-activated latent Linear."
     def __init__(self,
                  n_input: int, # number of genes G
                  n_hidden: tuple[int, ...] = (512, 132), # hidden widths H
                  n_latent: int = 50, # latent width L
                  *,
-                 use_batch_norm: bool = True, # BatchNorm after each hidden Linear
                  bn_momentum: float = KERAS_BN_MOMENTUM, # BatchNorm momentum (PyTorch convention)
                 ):
         super().__init__()
         widths = [n_input, *n_hidden, n_latent]
         self.linears = nn.ModuleList(dense(i, o) for i, o in zip(widths[:-1], widths[1:]))
-        self.norms = nn.ModuleList(batch_norm(h, momentum=bn_momentum) if use_batch_norm else nn.Identity()
-                                   for h in n_hidden)
+        self.norms = nn.ModuleList(batch_norm(h, momentum=bn_momentum) for h in n_hidden)
 
     def forward(self,
                 x: Tensor, # (n, G) network input
@@ -219,6 +218,12 @@ class FixedEffectsModule(nn.Module):
             total = total + w_class * terms["class_loss"]
         return LossOutput(total, terms, metrics)
 
+# %% ../nbs/01_fixed_effects.ipynb #5cdb5bb4
+def n_trainable(module: nn.Module, # any torch module
+               ) -> int: # number of trainable parameters, each shared tensor counted once
+    "Number of trainable parameters of `module`."
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
 # %% ../nbs/01_fixed_effects.ipynb #1bea0646
 def adam(params, # parameters or parameter groups
          *,
@@ -307,6 +312,15 @@ class TrainingPlan(L.LightningModule):
 
     def configure_optimizers(self):
         return adam(self.module.parameters(), lr=self.lr, eps=self.eps)
+
+# %% ../nbs/01_fixed_effects.ipynb #681901db
+def quiet_trainer(accelerator: str = "cpu", # passed to `lightning.Trainer`
+                  **kwargs, # any other `lightning.Trainer` argument; these override the quiet defaults
+                 ) -> L.Trainer:
+    "A Lightning `Trainer` that writes nothing: no logger, checkpoints, model summary or progress bar."
+    quiet = dict(logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                 default_root_dir=tempfile.gettempdir())  # nothing lands in the working directory
+    return L.Trainer(accelerator=accelerator, **(quiet | kwargs))
 
 # %% ../nbs/01_fixed_effects.ipynb #ae1219d8
 class AdversarialTrainingPlan(TrainingPlan):

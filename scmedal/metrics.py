@@ -21,15 +21,18 @@ from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from .data import _categories, as_indices
+from .data import as_indices, check_int, obs_categories, simulated_log_expression
 
 # %% auto #0
-__all__ = ['CLUSTERING_METRICS', 'subsample_indices', 'clustering_scores', 'paper_table', 'mean_ci', 'format_ci',
-           'aggregate_folds', 'mec_score', 'batch_asw', 'lisi', 'ilisi', 'clisi', 'graph_connectivity',
-           'kmeans_nmi_ari', 'integration_scores']
+__all__ = ['CLUSTERING_METRICS', 'representation', 'subsample_indices', 'clustering_scores', 'paper_table', 'mean_ci',
+           'format_ci', 'aggregate_folds', 'mec_score', 'batch_asw', 'lisi', 'ilisi', 'clisi', 'graph_connectivity',
+           'kmeans_nmi_ari', 'integration_scores', 'counterfactual_recovery']
 
 # %% ../nbs/04_metrics.ipynb #1992c9a6
-def _rep(adata, use_rep):
+def representation(
+    adata: AnnData,  # annotated data matrix
+    use_rep: str,  # a key of `adata.obsm`, or "X" for `adata.X`
+) -> np.ndarray:  # cells × dimensions, dense
     "The representation `use_rep` as a dense array: `adata.obsm[use_rep]`, or `adata.X` for `'X'`."
     if use_rep == "X": X = adata.X
     elif use_rep in adata.obsm: X = adata.obsm[use_rep]
@@ -38,7 +41,7 @@ def _rep(adata, use_rep):
 
 def _labels(adata, key):
     "`adata.obs[key]` as a string array; KeyError if absent, ValueError if it has NaN or a single value."
-    if len(_categories(adata, key)) < 2: raise ValueError(f"adata.obs[{key!r}] has a single value; scores need at least 2 groups")
+    if len(obs_categories(adata, key)) < 2: raise ValueError(f"adata.obs[{key!r}] has a single value; scores need at least 2 groups")
     return adata.obs[key].astype(str).to_numpy()
 
 def _as_list(use_rep):
@@ -53,6 +56,7 @@ def subsample_indices(
     seed: int = 0,  # seed of the draw
 ) -> np.ndarray:  # sorted positions; all cells when `n_obs <= n_sample`
     "Positions of `n_sample` cells drawn without replacement (the paper's 10,000-cell subsample, seeded)."
+    if n_sample is not None: check_int(n_sample, "n_sample (or None for all cells)")
     if n_sample is None or n_obs <= n_sample: return np.arange(n_obs)
     return np.sort(np.random.default_rng(seed).choice(n_obs, n_sample, replace=False))
 
@@ -68,11 +72,11 @@ def clustering_scores(
     n_sample: int | None = 10_000,  # cells drawn once, shared by every embedding and label; None keeps all
     seed: int = 0,  # seed of the subsample
 ) -> pd.DataFrame:  # tidy: embedding, label ("batch"/"celltype"), label_key, metric, value, n_cells
-    "1/Davies-Bouldin, Calinski-Harabasz and ASW of each embedding against batch and cell type (spec §6.1)."
+    "1/Davies-Bouldin, Calinski-Harabasz and ASW of each embedding against batch and cell type."
     keys = {role: key for role, key in (("batch", batch_key), ("celltype", labels_key)) if key is not None}
     if not keys: raise ValueError("give batch_key, labels_key or both")
     labels = {role: _labels(adata, key) for role, key in keys.items()}
-    reps = {r: _rep(adata, r) for r in _as_list(use_rep)}
+    reps = {r: representation(adata, r) for r in _as_list(use_rep)}
     idx = subsample_indices(adata.n_obs, n_sample=n_sample, seed=seed)
     return pd.DataFrame([dict(embedding=r, label=role, label_key=keys[role], metric=m, value=float(score(X[idx], y[idx])),
                               n_cells=len(idx))
@@ -86,7 +90,7 @@ def paper_table(
     columns: str | Sequence[str] = ("label", "metric"),  # column(s) joined by a space into the table's columns
     decimals: int | None = 2,  # rounding; for aggregated tables the "0.69 [0.67,0.71]" format; None keeps floats
 ) -> pd.DataFrame:  # wide table; rows and columns in order of first appearance
-    "Wide view of a tidy score table, laid out like the paper's clustering-score tables (spec §8.1)."
+    "Wide view of a tidy score table, laid out like the paper's clustering-score tables."
     column = scores[_as_list(columns)].astype(str).agg(" ".join, axis=1)
     if "mean" not in scores: cell = scores["value"] if decimals is None else scores["value"].round(decimals)
     elif decimals is None: cell = scores["mean"]
@@ -127,7 +131,7 @@ def aggregate_folds(
     by: Sequence[str] | None = None,  # columns identifying a score; default every non-numeric column but `fold_key`
     confidence: float = 0.95,  # coverage of the t interval
 ) -> pd.DataFrame:  # the `by` columns + n, mean, sd, sem, ci_low, ci_high
-    "Mean, sd, SEM and t confidence interval of each score over folds (spec §6.1)."
+    "Mean, sd, SEM and t confidence interval of each score over folds."
     df = scores if isinstance(scores, pd.DataFrame) else pd.concat(
         [s.assign(**{fold_key: k}) for k, s in enumerate(scores, 1)], ignore_index=True)
     if by is None: by = [c for c in df if c not in (fold_key, value_key) and not pd.api.types.is_numeric_dtype(df[c])]
@@ -159,10 +163,10 @@ def mec_score(
     seed: int = 42,  # random_state of the forest, the dummy and the automatic split
     n_jobs: int | None = None,  # cores for the forest (sklearn convention: -1 = all)
 ) -> pd.DataFrame:  # tidy: features ("chance" = stratified dummy), target_key, metric, value, n_train, n_test
-    "Mixed-effects classifier: random-forest test accuracy of `target_key` from FE, or FE + RE, latents (spec §3.8)."
+    "Mixed-effects classifier: random-forest test accuracy of `target_key` from FE, or FE + RE, latents."
     y = _labels(adata, target_key)
     train, test = _split(y, adata.obs_names, train_indices, test_indices, test_size=test_size, seed=seed)
-    feature_sets = [(r, _rep(adata, r)) if isinstance(r, str) else ("+".join(r), np.hstack([_rep(adata, k) for k in r]))
+    feature_sets = [(r, representation(adata, r)) if isinstance(r, str) else ("+".join(r), np.hstack([representation(adata, k) for k in r]))
                     for r in ([use_rep] if isinstance(use_rep, str) else use_rep)]
     rows = []
     for name, X in feature_sets:
@@ -193,7 +197,7 @@ def batch_asw(
     labels_key: str = "cell_type",  # obs column with the cell type
 ) -> float:  # in [0, 1]; 1 = batches fully mixed within every cell type; NaN if no cell type spans 2 batches
     "scib batch ASW: mean over cell types of the mean of 1 − |silhouette by batch| within the cell type."
-    return _batch_asw(_rep(adata, use_rep), _labels(adata, batch_key), _labels(adata, labels_key))
+    return _batch_asw(representation(adata, use_rep), _labels(adata, batch_key), _labels(adata, labels_key))
 
 # %% ../nbs/04_metrics.ipynb #20d237b6
 def _knn(X, n_neighbors):
@@ -233,7 +237,7 @@ def lisi(
     perplexity: int = 30,  # effective neighbourhood size; 3 × perplexity neighbours are used
 ) -> np.ndarray:  # per-cell LISI, between 1 and the number of groups
     "Local inverse Simpson's index of `adata.obs[key]` around each cell (Korsunsky et al. 2019)."
-    X, labels = _rep(adata, use_rep), _labels(adata, key)
+    X, labels = representation(adata, use_rep), _labels(adata, key)
     return _lisi(*_knn(X, 3 * perplexity), labels, perplexity)
 
 def ilisi(
@@ -282,7 +286,7 @@ def graph_connectivity(
     n_neighbors: int = 15,  # neighbours per cell in the kNN graph (scanpy's default)
 ) -> float:  # in (0, 1]; 1 = every cell type is one connected piece of the graph
     "scib graph connectivity: per cell type, the share of its cells in its largest kNN-connected component; averaged."
-    return _graph_connectivity(_knn(_rep(adata, use_rep), n_neighbors)[1], _labels(adata, labels_key))
+    return _graph_connectivity(_knn(representation(adata, use_rep), n_neighbors)[1], _labels(adata, labels_key))
 
 # %% ../nbs/04_metrics.ipynb #7b7d2216
 def _kmeans_nmi_ari(X, labels, seed):
@@ -298,7 +302,7 @@ def kmeans_nmi_ari(
     seed: int = 0,  # random_state of KMeans
 ) -> dict[str, float]:  # {"nmi": …, "ari": …}, both 1 when the clusters are the cell types
     "NMI and ARI between the cell types and a KMeans clustering with as many clusters as cell types."
-    return _kmeans_nmi_ari(_rep(adata, use_rep), _labels(adata, labels_key), seed)
+    return _kmeans_nmi_ari(representation(adata, use_rep), _labels(adata, labels_key), seed)
 
 # %% ../nbs/04_metrics.ipynb #883e40aa
 def integration_scores(
@@ -314,7 +318,7 @@ def integration_scores(
 ) -> pd.DataFrame:  # tidy: embedding, category ("batch correction"/"bio conservation"), metric, value, n_cells
     "scib-style batch-correction and bio-conservation scores of one or several embeddings."
     batches, labels = _labels(adata, batch_key), _labels(adata, labels_key)
-    reps = {r: _rep(adata, r) for r in _as_list(use_rep)}
+    reps = {r: representation(adata, r) for r in _as_list(use_rep)}
     idx = subsample_indices(adata.n_obs, n_sample=n_sample, seed=seed)
     b, y, n_b, n_y = batches[idx], labels[idx], len(np.unique(batches[idx])), len(np.unique(labels[idx]))
     rows = []
@@ -330,3 +334,30 @@ def integration_scores(
                  (r, "bio conservation", "nmi_kmeans", clusters["nmi"]),
                  (r, "bio conservation", "ari_kmeans", clusters["ari"])]
     return pd.DataFrame(rows, columns=["embedding", "category", "metric", "value"]).assign(value=lambda d: d.value.astype(float), n_cells=len(idx))
+
+# %% ../nbs/04_metrics.ipynb #59cc1261
+def _predicted_changes(model, adata, source, target):
+    "Every prediction `model` makes of the mean change per gene when all cells move from batch `source` to `target`."
+    move = lambda mode: (model.get_counterfactual(adata, transform_batch=target, mode=mode)
+                         - model.get_counterfactual(adata, transform_batch=source, mode=mode)).mean(0)
+    batch = adata.obs[model.registry["batch_key"]].astype(str).to_numpy()
+    contrast = lambda rec: rec[batch == target].mean(0) - rec[batch == source].mean(0)
+    needs = {"full": "re", "decoder": "re", "mixed": "mixed"}  # counterfactual mode -> the network it runs
+    changes = {f"counterfactual ({mode})": move(mode) for mode, kind in needs.items() if kind in model.modules}
+    if "fe" in model.modules: changes["FE counterfactual"] = np.zeros(adata.n_vars)  # no batch input: nothing moves
+    return changes | {f"{kind.upper()} contrast": contrast(model.get_reconstruction(adata, kind=kind))
+                      for kind in ("re", "fe") if kind in model.modules}
+
+def counterfactual_recovery(
+    model,  # a trained `scmedal.SCMEDAL`
+    adata: AnnData,  # cells from `scmedal.data.simulate` (preprocessed) with the model's genes
+    pairs: Sequence[tuple[str, str]],  # (source, target) batches: every cell moves from source to target
+) -> pd.DataFrame:  # tidy: pair, method, r, R2
+    "Pearson r and R² over genes between the simulator's true mean change and each of the model's predictions of it."
+    rows = []
+    for source, target in pairs:
+        truth = (simulated_log_expression(adata, batch=target) - simulated_log_expression(adata, batch=source)).mean(0)
+        for method, change in _predicted_changes(model, adata, source, target).items():
+            rows.append(dict(pair=f"{source} → {target}", method=method, r=np.corrcoef(truth, change)[0, 1] if change.any() else np.nan,
+                             R2=1 - ((change - truth) ** 2).sum() / (truth ** 2).sum()))
+    return pd.DataFrame(rows)

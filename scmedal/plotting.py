@@ -27,7 +27,7 @@ from scipy.stats import rankdata
 from sklearn.manifold import SpectralEmbedding
 from sklearn.neighbors import kneighbors_graph
 
-from .metrics import _rep
+from .metrics import representation
 
 # %% auto #0
 __all__ = ['categorical_colors', 'gene_distance', 'default_grid_shape', 'pixel_distance', 'GenomapLayout', 'fit_genomap',
@@ -313,7 +313,7 @@ def umap_panel(
     for i, rep in enumerate(reps):
         stored = _umap_key(rep) in adata.obsm and not recompute
         xy = np.asarray(adata.obsm[_umap_key(rep)]) if stored else _umap_coords(
-            _rep(adata, rep), n_neighbors=n_neighbors, min_dist=min_dist, random_state=random_state)
+            representation(adata, rep), n_neighbors=n_neighbors, min_dist=min_dist, random_state=random_state)
         if store: adata.obsm[_umap_key(rep)] = xy
         for j, key in enumerate(keys):
             ax = axes[i, j]

@@ -18,6 +18,7 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, calinski_h
 from sklearn.preprocessing import StandardScaler
 
 from scmedal import metrics
+from scmedal import datasets
 from scmedal.datasets import onek1k_subset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def adata():
     return make_adata()
 
 
-# --- clustering scores (spec §6.1) -------------------------------------------------------------------------
+# --- clustering scores ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_sample", [None, 100])
 def test_clustering_scores_equal_sklearn_on_the_same_cells(adata, n_sample):
@@ -62,12 +63,6 @@ def test_several_embeddings_share_one_subsample(adata):
     pd.testing.assert_frame_equal(both.query("embedding == 'X_separated'").reset_index(drop=True), alone)
     assert set(both.columns) == {"embedding", "label", "label_key", "metric", "value", "n_cells"}
     assert (both.n_cells == 100).all()
-
-
-def test_batch_asw_higher_when_batches_separate(adata):
-    asw = metrics.clustering_scores(adata, use_rep=["X_mixed", "X_separated"]).query("metric == 'ASW'")
-    asw = asw.set_index(["embedding", "label"]).value
-    assert asw["X_separated", "batch"] > 0.3 > asw["X_mixed", "batch"]
 
 
 def test_subsample_indices_are_seeded_and_without_replacement():
@@ -114,7 +109,7 @@ def test_format_ci():
     assert metrics.format_ci(0.5, np.nan, np.nan) == "0.50"
 
 
-# --- MEC (spec §3.8) -----------------------------------------------------------------------------------------
+# --- MEC ------------------------------------------------------------------------------------------------------
 
 def test_mec_equals_direct_sklearn(adata):
     train, test = np.arange(0, 240, 2), np.arange(1, 240, 2)
@@ -127,12 +122,6 @@ def test_mec_equals_direct_sklearn(adata):
     assert got["X_noise+X_batch", "accuracy"] == accuracy_score(y[test], pred)
     assert got["X_noise+X_batch", "balanced_accuracy"] == balanced_accuracy_score(y[test], pred)
     assert got["chance", "accuracy"] == accuracy_score(y[test], chance)
-
-
-def test_mec_re_features_carry_the_target(adata):
-    acc = metrics.mec_score(adata, target_key="condition", use_rep=("X_noise", ("X_noise", "X_batch")), n_jobs=2)
-    acc = acc.query("metric == 'balanced_accuracy'").set_index("features").value
-    assert acc["X_noise+X_batch"] > 0.95 and acc["X_noise"] < 0.8
 
 
 def test_mec_default_split_is_stratified_and_seeded(adata):
@@ -162,14 +151,6 @@ def test_batch_asw_is_the_scib_definition(adata):
     by_hand = np.mean([np.mean(1 - np.abs(silhouette_samples(Z[y == t], b[y == t]))) for t in ["t0", "t1", "t2"]])
     assert metrics.batch_asw(adata, use_rep="X_separated") == pytest.approx(by_hand, abs=1e-12)
     assert metrics.batch_asw(adata, use_rep="X_mixed") > 0.9
-
-
-def test_ilisi_mixed_about_two_separated_one():
-    adata = make_adata(n_per=100)
-    assert metrics.ilisi(adata, use_rep="X_mixed", scale=False) == pytest.approx(2.0, abs=0.1)
-    assert metrics.ilisi(adata, use_rep="X_separated", scale=False) == pytest.approx(1.0, abs=1e-9)
-    assert metrics.ilisi(adata, use_rep="X_separated") == pytest.approx(0.0, abs=1e-9)
-    assert metrics.clisi(adata, use_rep="X_mixed") == pytest.approx(1.0, abs=1e-9)
 
 
 def test_perplexity_weights_reach_the_target_entropy():
@@ -215,13 +196,6 @@ def test_graph_connectivity_known_values():
     obs = pd.DataFrame(dict(cell_type=["A"] * 150 + ["B"] * 80), index=[f"c{i}" for i in range(230)])
     adata = ad.AnnData(obs=obs, obsm=dict(X_emb=Z))
     assert metrics.graph_connectivity(adata, use_rep="X_emb") == pytest.approx((100 / 150 + 1) / 2)
-    assert metrics.graph_connectivity(make_adata(), use_rep="X_mixed") == 1.0
-
-
-def test_kmeans_nmi_ari_identical_partitions(adata):
-    got = metrics.kmeans_nmi_ari(adata, use_rep="X_mixed")
-    assert got["nmi"] == pytest.approx(1.0) and got["ari"] == pytest.approx(1.0)
-    assert metrics.kmeans_nmi_ari(adata, use_rep="X_noise")["ari"] < 0.1
 
 
 def test_integration_scores_agree_with_single_functions(adata):
@@ -281,12 +255,12 @@ def test_inputs_are_not_modified(adata):
     for key in before.obsm: np.testing.assert_array_equal(adata.obsm[key], before.obsm[key])
 
 
-# --- real data (skipped when the shared files are absent) ----------------------------------------------------
+# --- real data (skipped when the data files are absent) ------------------------------------------------------
 
 def test_onek1k_cell_types_cluster_more_than_donors():
-    folder = Path(os.environ.get("SCMEDAL_DATA_DIR", REPO.parent / "shared" / "data"))
-    if not (folder / "onek1k_yazar2022_subset.h5ad").is_file(): pytest.skip(f"OneK1K subset not found in {folder}")
-    adata = onek1k_subset(data_dir=folder, verify=False)
+    path = datasets.find_dataset("onek1k_subset")  # $SCMEDAL_DATA_DIR, then the user cache; never downloads
+    if path is None: pytest.skip(f"OneK1K subset not found in {[str(p) for p in datasets.data_dirs()]}")
+    adata = onek1k_subset(data_dir=path.parent, verify=False)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     sc.pp.pca(adata, n_comps=30, random_state=0)

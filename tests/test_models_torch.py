@@ -2,13 +2,12 @@
 import logging
 import warnings
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 
 from scmedal.fixed_effects import (FE_BN_MOMENTUM, KERAS_BN_MOMENTUM, AdversarialTrainingPlan, FixedEffectsModule,
-                                   TrainingPlan, classification_terms)
+                                   TrainingPlan, classification_terms, quiet_trainer)
 from scmedal.random_effects import RandomEffects, RandomEffectsModule, gaussian_kl
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -27,8 +26,7 @@ def loader(n_batches=2):
 
 
 def fit(plan, n_batches=2, val=False):
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(plan, loader(n_batches), loader(1) if val else None)
@@ -80,17 +78,12 @@ def test_validation_changes_nothing():
     plan = AdversarialTrainingPlan(m)
     fit(plan, n_batches=1)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         metrics = trainer.validate(plan, loader(2), verbose=False)[0]
     assert {"val_total_loss", "val_adv_acc", "val_class_acc"} <= set(metrics)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
-
-
-def test_plan_rejects_unknown_weight_and_non_adversarial():
-    with pytest.raises(TypeError, match="w_typo"): TrainingPlan(fe_module("ae"), w_typo=1.0)
-    with pytest.raises(ValueError): AdversarialTrainingPlan(fe_module("ae"))
 
 
 def test_paper_weights_are_used():

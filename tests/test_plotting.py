@@ -139,13 +139,6 @@ def test_fit_rejects_bad_input(modules):
     with pytest.raises(ValueError, match="at least 4"): pl.fit_genomap(X[:, :3])
 
 
-def test_zscore_is_per_gene_over_the_stacked_panels():
-    z = pl.zscore_genes({"a": np.array([[0.0, 5.0], [2.0, 5.0]]), "b": np.array([[4.0, 5.0], [6.0, 5.0]])})
-    stacked = np.vstack([z["a"], z["b"]])
-    np.testing.assert_allclose(stacked[:, 0], (np.array([0, 2, 4, 6]) - 3) / np.std([0, 2, 4, 6], ddof=1))
-    assert np.all(stacked[:, 1] == 0)
-
-
 # --- genomap figure and explorer ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cells", [None, 0, np.arange(10), np.arange(200) < 50])
@@ -260,10 +253,6 @@ def test_umap_panel_handles_many_batches_and_missing_keys(monkeypatch):
     assert len(set(map(tuple, fig.axes[0].collections[0].get_facecolors().round(6)))) == 31
     with pytest.raises(KeyError, match="tissue"): pl.umap_panel(adata, use_rep="X_pca", color="tissue")
     with pytest.raises(KeyError, match="X_nope"): pl.umap_panel(adata, use_rep="X_nope", color="batch")
-
-
-def test_categorical_colors_stay_distinct_beyond_twenty():
-    assert len(set(pl.categorical_colors(150))) == 150
 
 
 # --- random effects, counterfactual shifts, training curves ----------------------------------------------------
