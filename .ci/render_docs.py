@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / "nbs"
 OUT = ROOT / "_docs_html"
 NOTEBOOK_GLOBS = ("*.ipynb", "tutorials/*.ipynb")
-FIGURE_PAGES = ("05_visualization", "tutorials/aml_walkthrough", "tutorials/kang_walkthrough")  # must have figures, and show them in the browser
+FIGURE_PAGES = ("00_data", "04_metrics", "05_visualization", "05a_genomap", "tutorials/aml_walkthrough", "tutorials/kang_walkthrough")  # must have figures, and show them in the browser
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/svg+xml")
 BROWSERS = ("chromium", "google-chrome", "google-chrome-stable", "chromium-browser")
 # Without the networking switches headless Chromium waits on refused connections (no internet here).

@@ -26,7 +26,7 @@ from .data import as_indices, check_int, obs_categories, simulated_log_expressio
 # %% auto #0
 __all__ = ['CLUSTERING_METRICS', 'representation', 'subsample_indices', 'clustering_scores', 'paper_table', 'mean_ci',
            'format_ci', 'aggregate_folds', 'mec_score', 'batch_asw', 'lisi', 'ilisi', 'clisi', 'graph_connectivity',
-           'kmeans_nmi_ari', 'integration_scores', 'counterfactual_recovery']
+           'kmeans_nmi_ari', 'integration_scores', 'counterfactual_recovery', 'counterfactual_agreement']
 
 # %% ../nbs/04_metrics.ipynb #1992c9a6
 def representation(
@@ -360,4 +360,51 @@ def counterfactual_recovery(
         for method, change in _predicted_changes(model, adata, source, target).items():
             rows.append(dict(pair=f"{source} → {target}", method=method, r=np.corrcoef(truth, change)[0, 1] if change.any() else np.nan,
                              R2=1 - ((change - truth) ** 2).sum() / (truth ** 2).sum()))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/04_metrics.ipynb #53ef00ef
+def _fit(prediction, observed):
+    "Pearson r (NaN for a constant prediction) and R² over genes of a predicted against an observed change."
+    r = np.corrcoef(prediction, observed)[0, 1] if np.ptp(prediction) > 0 else np.nan
+    return r, 1 - ((prediction - observed) ** 2).sum() / (observed ** 2).sum()
+
+def _ceiling(r_half):
+    "The r of a noise-free prediction against an effect whose two half-sample estimates correlate at `r_half`."
+    return np.sqrt(2 * r_half / (1 + r_half)) if r_half > 0 else 0.0
+
+def _mean(X, mask):
+    "Mean row of `X` over the cells in `mask`."
+    return np.asarray(X[np.flatnonzero(mask)].mean(0)).ravel()
+
+def counterfactual_agreement(
+    adata: AnnData,  # log-normalised expression in X, with the batch and group columns in obs
+    predict,  # predict(cells, target) -> cells × genes: the AnnData `cells` as if measured in batch `target`
+    *,
+    batch_key: str,  # obs column with the batches
+    group_key: str,  # obs column with the groups compared across batches (e.g. cell type)
+    cells=None,  # cells whose counterfactuals are scored (e.g. test cells; default all); observed effects use every cell
+    min_cells: int = 30,  # smallest group × batch size compared (among `cells` for the source, all cells for the target)
+    seed: int = 0,  # seed of the split-half ceiling
+) -> pd.DataFrame:  # one row per group, source, target: n_source, n_target, r, R2, pooled_r, pooled_R2, ceiling_r
+    "Predicted against observed batch effects per group and batch pair, next to the pooled shift and the split-half ceiling."
+    check_int(min_cells, "min_cells")
+    scored = np.zeros(adata.n_obs, bool); scored[as_indices(np.arange(adata.n_obs) if cells is None else cells, adata.obs_names, name="cells")] = True
+    batch, group = (adata.obs[k].astype(str).to_numpy() for k in (batch_key, group_key))
+    halves, rows = np.random.default_rng(seed).random(adata.n_obs) < 0.5, []
+    for g in obs_categories(adata, group_key):
+        for s in obs_categories(adata, batch_key):
+            source = (group == g) & (batch == s) & scored
+            if source.sum() < min_cells: continue
+            for t in obs_categories(adata, batch_key):
+                target = (group == g) & (batch == t)
+                if t == s or target.sum() < min_cells: continue
+                observed = _mean(adata.X, target) - _mean(adata.X, (group == g) & (batch == s))
+                moved = adata[np.flatnonzero(source)]
+                prediction = np.asarray(predict(moved, t)).mean(0) - np.asarray(predict(moved, s)).mean(0)
+                pooled = _mean(adata.X, batch == t) - _mean(adata.X, batch == s)
+                half_effect = lambda h: _mean(adata.X, target & (halves == h)) - _mean(adata.X, (group == g) & (batch == s) & (halves == h))
+                rows.append(dict(group=g, source=s, target=t, n_source=int(source.sum()), n_target=int(target.sum()),
+                                 **dict(zip(("r", "R2"), _fit(prediction, observed))),
+                                 **dict(zip(("pooled_r", "pooled_R2"), _fit(pooled, observed))),
+                                 ceiling_r=_ceiling(_fit(half_effect(True), half_effect(False))[0])))
     return pd.DataFrame(rows)

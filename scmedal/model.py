@@ -25,6 +25,7 @@ from fastcore.basics import patch
 
 from . import data
 from .fixed_effects import AdversarialTrainingPlan, FixedEffectsModule, LossOutput, TrainingPlan, loss_weights, quiet_trainer
+from .fast_paths import use_fast_paths
 from .random_effects import RandomEffectsDecoder, RandomEffectsModule
 
 # %% ../nbs/03_mixed_model.ipynb #5c6519a1
@@ -93,10 +94,9 @@ class MixedEffectsDecoder(torch.nn.Module):
         with torch.no_grad(): return self.content_encoder(x) - self.batch_shifts[batch_index]
 
     def forward(self, x: torch.Tensor, batch_index: torch.Tensor) -> dict:
-        "Content z, reconstruction x_hat in the cells' own batches and its squared error recon_sse against x."
+        "Content z and reconstruction x_hat in the cells' own batches."
         z = self.encode(x, batch_index)
-        x_hat, recon_sse = self.decoder(z, batch_index, target=x)
-        return dict(z=z, x_hat=x_hat, recon_sse=recon_sse)
+        return dict(z=z, x_hat=self.decoder(z, batch_index))
 
     def counterfactual(self,
                        x: torch.Tensor,  # (n, G) network input
@@ -124,7 +124,7 @@ class MixedEffectsDecoder(torch.nn.Module):
             ) -> LossOutput:
         "$w_{recon} L_{recon} + \\lambda_{KL} \\overline{KL}_{dec}$."
         out = self(batch["x"], batch["batch_index"]) if outputs is None else outputs
-        terms = {"recon_loss": out["recon_sse"] / batch["x"].numel(), "kl_loss": kl_weight * self.kl_divergence()}
+        terms = {"recon_loss": F.mse_loss(out["x_hat"], batch["x"]), "kl_loss": kl_weight * self.kl_divergence()}
         return LossOutput(w_recon * terms["recon_loss"] + terms["kl_loss"], terms)
 
 # %% ../nbs/03_mixed_model.ipynb #1e6a592e
@@ -136,15 +136,17 @@ def build_module(
     n_batches: int,  # number of batches B
     n_labels: int | None = None,  # number of cell types C (AEC, FEC)
     content_encoder: torch.nn.Module | None = None,  # the FE encoder the 'mixed' decoder reads
+    fast_paths: bool = False,  # train the random-effects layers through their fused nodes (`scmedal.fast_paths`)
     **kwargs,  # architecture options: n_hidden, n_latent, ...
 ) -> torch.nn.Module:
     "The torch module of one model kind."
     if kind not in KINDS: raise ValueError(f"unknown model kind {kind!r}; choose from {KINDS}")
     if kind in ("aec", "fec") and not n_labels: raise ValueError(f"model kind {kind!r} predicts cell types: register a labels_key")
-    if kind == "re": return RandomEffectsModule(n_genes, n_batches, **kwargs)
+    faster = use_fast_paths if fast_paths else (lambda module: module)
+    if kind == "re": return faster(RandomEffectsModule(n_genes, n_batches, **kwargs))
     if kind == "mixed":
         if content_encoder is None: raise ValueError("the 'mixed' decoder reads the FE latent: train it together with 'fe'")
-        return MixedEffectsDecoder(content_encoder, n_genes, n_batches, **kwargs)
+        return faster(MixedEffectsDecoder(content_encoder, n_genes, n_batches, **kwargs))
     return FixedEffectsModule(n_genes, n_batches, n_labels if kind in ("aec", "fec") else None,
                               adversarial=kind in ("fe", "fec"), **kwargs)
 
@@ -175,7 +177,7 @@ def seeded(seed: int): # seed of python's, numpy's and torch's (CPU and CUDA) gl
         finally: random.setstate(python_state); np.random.set_state(numpy_state)
 
 # %% ../nbs/03_mixed_model.ipynb #e8fd0280
-def _checked_init_params(models, n_hidden, n_latent, dataset, scaling, seed, module_kwargs):
+def _checked_init_params(models, n_hidden, n_latent, dataset, scaling, seed, module_kwargs, fast_paths):
     "The constructor's options as plain data, or an error naming the first invalid one."
     models = (models,) if isinstance(models, str) else tuple(models)
     if not models: raise ValueError(f"models must name at least one of {KINDS}, got an empty tuple")
@@ -190,7 +192,8 @@ def _checked_init_params(models, n_hidden, n_latent, dataset, scaling, seed, mod
     if unknown: raise ValueError(f"module_kwargs has options for models that are not built: {sorted(unknown)}")
     return dict(models=models, n_hidden=n_hidden, n_latent=data.check_int(n_latent, "n_latent"), dataset=dataset,
                 scaling=data.check_choice(scaling, "scaling", ("global", "gene")),
-                seed=data.check_int(seed, "seed", minimum=0), module_kwargs=module_kwargs)
+                seed=data.check_int(seed, "seed", minimum=0), module_kwargs=module_kwargs,
+                fast_paths=data.check_choice(fast_paths, "fast_paths", (True, False)))
 
 # %% ../nbs/03_mixed_model.ipynb #f35445c1
 def _build_modules(registry, n_genes, params):
@@ -200,7 +203,7 @@ def _build_modules(registry, n_genes, params):
     for kind in sorted(params["models"], key=lambda kind: kind == "mixed"):  # 'mixed' reads the FE encoder: after FE
         content = modules["fe"].encoder if kind == "mixed" and "fe" in modules else None
         modules[kind] = build_module(kind, n_genes, len(registry["batch_categories"]), n_labels, content_encoder=content,
-                                     n_hidden=params["n_hidden"], n_latent=params["n_latent"], **params["module_kwargs"].get(kind, {}))
+                                     fast_paths=params.get("fast_paths", False), n_hidden=params["n_hidden"], n_latent=params["n_latent"], **params["module_kwargs"].get(kind, {}))
     return modules
 
 class SCMEDAL:
@@ -216,9 +219,10 @@ class SCMEDAL:
                  dataset: str | None = None,  # 'aml', 'asd' or 'hh' for the paper's tuned loss weights
                  scaling: str = "global",  # network-input scaling: 'global' (paper) or 'gene'
                  seed: int = 0,  # seed of initialisation, shuffling and sampling
-                 module_kwargs: dict | None = None):  # per-kind extra module options, e.g. {"re": {...}}
+                 module_kwargs: dict | None = None,  # per-kind extra module options, e.g. {"re": {...}}
+                 fast_paths: bool = False):  # train random-effects layers through `scmedal.fast_paths` (same results; opt-in)
         registry = copy.deepcopy(data.get_registry(adata))
-        self.init_params = _checked_init_params(models, n_hidden, n_latent, dataset, scaling, seed, module_kwargs or {})
+        self.init_params = _checked_init_params(models, n_hidden, n_latent, dataset, scaling, seed, module_kwargs or {}, fast_paths)
         self.adata, self.registry, self.var_names = adata, registry, list(map(str, adata.var_names))
         with seeded(seed): self.modules = _build_modules(registry, adata.n_vars, self.init_params)
         self.scaling, self.history, self.train_state, self.is_trained = None, {}, {}, False
@@ -279,7 +283,8 @@ def train(self: SCMEDAL,
           resume: bool = False,  # continue the previous training for `max_epochs` more epochs, exactly
           **trainer_kwargs):  # any other lightning.Trainer option
     "Train every model of this SCMEDAL on the registered AnnData, or with `resume` continue where training stopped."
-    max_epochs, patience, lr = data.check_int(max_epochs, "max_epochs"), data.check_int(patience, "patience"), data.check_positive(lr, "lr")
+    max_epochs, lr = data.check_int(max_epochs, "max_epochs"), data.check_positive(lr, "lr")
+    if early_stopping: data.check_int(patience, "patience")
     unknown = set(loss_weights or {}) - set(self.modules)
     if unknown: raise ValueError(f"loss_weights has weights for models this SCMEDAL does not have: {sorted(unknown)}; it has {list(self.modules)}")
     if early_stopping and val_indices is None: raise ValueError("early_stopping needs val_indices to monitor")

@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 SCRIPT = textwrap.dedent('''
-    import json, logging, sys, warnings
+    import json, logging, os, sys, warnings
     warnings.filterwarnings("ignore"); logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     from sklearn.metrics import silhouette_score
     from scmedal import data
@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent('''
             max_epochs=30, lr=1e-3, batch_size=64, accelerator="cpu", devices=2, strategy="ddp", progress_bar=False)
         asw = {k: float(silhouette_score(model.get_latent_representation(kind=k), adata.obs.batch)) for k in ("fe", "re")}
         epochs = {k: len(h) for k, h in model.history.items()}
-        print("RESULT", json.dumps(dict(asw=asw, epochs=epochs)), flush=True)
+        rank = os.environ.get("LOCAL_RANK", "0")  # one file per rank: two processes' prints can interleave on one line
+        with open(f"result_{rank}.json", "w") as f: json.dump(dict(asw=asw, epochs=epochs), f)
 
     if __name__ == "__main__": main()
 ''')
@@ -30,7 +31,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     script.write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-    results = [json.loads(line.split(" ", 1)[1]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result_*.json"))]
     assert run.returncode == 0 and len(results) == 2, f"expected one result per rank:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
     for result in results:  # every rank trained every epoch
         assert result["epochs"] == {"fe": 30, "re": 30}

@@ -1,5 +1,5 @@
-"""Tests of scmedal.plotting: the genomap layout (one-to-one, reuse, locality), figures and `save=`, AnnData left
-untouched by the UMAP panel, and the explorer's static fallback."""
+"""Tests of scmedal.genomap (the layout: one-to-one, reuse, locality) and scmedal.plotting (figures and `save=`, AnnData
+left untouched by the UMAP panel, the explorer's static fallback)."""
 import sys
 
 import anndata as ad
@@ -9,6 +9,7 @@ import pytest
 from matplotlib.figure import Figure
 from scipy import sparse
 
+from scmedal import genomap as gm
 from scmedal import plotting as pl
 
 
@@ -28,7 +29,7 @@ def modules():
 @pytest.fixture(scope="module")
 def layout(modules):
     X, module = modules
-    return pl.fit_genomap(X, gene_names=[f"g{i}" for i in range(X.shape[1])])
+    return gm.fit_genomap(X, gene_names=[f"g{i}" for i in range(X.shape[1])])
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +52,17 @@ def assert_figure_saved(fig, path):
     assert path.is_file() and path.stat().st_size > 1000
 
 
-# --- genomap layout -------------------------------------------------------------------------------------------
+# --- genomap layout (scmedal.genomap) -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_genes, side", [(4, 2), (5, 3), (60, 8), (64, 8), (2916, 54), (3000, 55)])
 def test_default_grid_is_the_smallest_square(n_genes, side):
-    assert pl.default_grid_shape(n_genes) == (side, side)
+    assert gm.default_grid_shape(n_genes) == (side, side)
 
 
 def test_gene_distance_is_correlation_distance_and_constant_genes_are_uncorrelated():
     X = np.random.default_rng(0).normal(size=(40, 5))
     X[:, 2] = 3.0
-    D = pl.gene_distance(sparse.csr_matrix(X))
+    D = gm.gene_distance(sparse.csr_matrix(X))
     with np.errstate(invalid="ignore", divide="ignore"): expected = 1 - np.nan_to_num(np.corrcoef(X.T), nan=0.0)
     np.fill_diagonal(expected, 0.0)
     np.testing.assert_allclose(D, expected, atol=1e-10)
@@ -69,11 +70,11 @@ def test_gene_distance_is_correlation_distance_and_constant_genes_are_uncorrelat
 
 
 def test_pixel_distance_is_two_dimensional_and_radial_is_the_original():
-    D = pl.pixel_distance((4, 5))
+    D = gm.pixel_distance((4, 5))
     assert D.shape == (20, 20) and D[0, 19] == pytest.approx(np.hypot(3, 4))
-    radial = pl.pixel_distance((5, 5), metric="radial")
+    radial = gm.pixel_distance((5, 5), metric="radial")
     assert radial[0, 24] == 0.0 and radial[12, 0] == pytest.approx(np.sqrt(8))
-    with pytest.raises(ValueError, match="metric"): pl.pixel_distance((3, 3), metric="manhattan")
+    with pytest.raises(ValueError, match="metric"): gm.pixel_distance((3, 3), metric="manhattan")
 
 
 def test_each_gene_gets_exactly_one_pixel(layout, modules):
@@ -88,7 +89,7 @@ def test_each_gene_gets_exactly_one_pixel(layout, modules):
                                      dict(grid_shape=(6, 11))])
 def test_assignment_is_one_to_one_for_every_option(modules, options):
     X, _ = modules
-    layout = pl.fit_genomap(X[:, :50], max_iter=3, **options)
+    layout = gm.fit_genomap(X[:, :50], max_iter=3, **options)
     rows, cols = layout.grid_shape
     assert len(np.unique(layout.pixel)) == 50 and layout.pixel.max() < rows * cols
 
@@ -127,16 +128,21 @@ def test_strongly_correlated_genes_land_closer_than_random_pairs(layout, modules
 
 def test_fit_is_deterministic(modules):
     X, _ = modules
-    first, second = pl.fit_genomap(X, seed=3), pl.fit_genomap(X, seed=3)
+    first, second = gm.fit_genomap(X, seed=3), gm.fit_genomap(X, seed=3)
     np.testing.assert_array_equal(first.pixel, second.pixel)
 
 
 def test_fit_rejects_bad_input(modules):
     X, _ = modules
-    with pytest.raises(ValueError, match="fewer pixels"): pl.fit_genomap(X, grid_shape=(5, 5))
-    with pytest.raises(ValueError, match="gene names"): pl.fit_genomap(X, gene_names=["a", "b"])
-    with pytest.raises(ValueError, match="init"): pl.fit_genomap(X, init="random")
-    with pytest.raises(ValueError, match="at least 4"): pl.fit_genomap(X[:, :3])
+    with pytest.raises(ValueError, match="fewer pixels"): gm.fit_genomap(X, grid_shape=(5, 5))
+    with pytest.raises(ValueError, match="gene names"): gm.fit_genomap(X, gene_names=["a", "b"])
+    with pytest.raises(ValueError, match="init"): gm.fit_genomap(X, init="random")
+    with pytest.raises(ValueError, match="at least 4"): gm.fit_genomap(X[:, :3])
+
+
+def test_plotting_re_exports_the_layout():
+    assert pl.fit_genomap is gm.fit_genomap and pl.GenomapLayout is gm.GenomapLayout
+    assert {"fit_genomap", "GenomapLayout"} <= set(pl.__all__)
 
 
 # --- genomap figure and explorer ----------------------------------------------------------------------------
@@ -254,6 +260,22 @@ def test_umap_panel_handles_many_batches_and_missing_keys(monkeypatch):
     with pytest.raises(KeyError, match="tissue"): pl.umap_panel(adata, use_rep="X_pca", color="tissue")
     with pytest.raises(KeyError, match="X_nope"): pl.umap_panel(adata, use_rep="X_nope", color="batch")
 
+
+
+def test_embedding_panel_draws_stored_coordinates_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(pl, "_umap_coords", lambda X, **kw: pytest.fail("embedding_panel must not run UMAP"))
+    adata = small_adata()
+    before = adata.copy()
+    fig = pl.embedding_panel(adata, basis=["X_pca", "X_scmedal_fe"], color=["batch", "score"], components=(2, 0),
+                             save=tmp_path / "pca.png")
+    assert_figure_saved(fig, tmp_path / "pca.png")
+    assert_unchanged_except(adata, before, set())
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    np.testing.assert_array_equal(fig.axes[0].collections[0].get_offsets(), adata.obsm["X_pca"][order][:, [2, 0]])
+    assert fig.axes[0].get_ylabel() == "X_pca (3, 1)"
+    with pytest.raises(ValueError, match="X_scmedal_fe has 6 columns"): pl.embedding_panel(adata, basis="X_scmedal_fe", components=(0, 6))
+    with pytest.raises(ValueError, match="two columns"): pl.embedding_panel(adata, components=(0, 1, 2))
+    with pytest.raises(KeyError, match="tissue"): pl.embedding_panel(adata, color="tissue")
 
 # --- random effects, counterfactual shifts, training curves ----------------------------------------------------
 

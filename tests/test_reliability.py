@@ -677,7 +677,7 @@ def test_last_minibatch_of_one_cell_trains(adata, n_train, batch_size):
     (dict(max_epochs=0), "max_epochs must be an integer >= 1, got 0"), (dict(max_epochs=-1), "max_epochs.*got -1"),
     (dict(max_epochs=2.5), "max_epochs.*got 2.5"), (dict(max_epochs=True), "max_epochs.*got True"),
     (dict(batch_size=1), "batch_size must be an integer >= 2"), (dict(lr=0), "lr must be a finite number > 0"),
-    (dict(lr=float("inf")), "lr must be"), (dict(patience=0), "patience must be"),
+    (dict(lr=float("inf")), "lr must be"), (dict(patience=0, early_stopping=True, val_indices=np.arange(300, 400)), "patience must be"),
     (dict(train_indices=[0.5, 1.5]), "integer positions, a boolean mask or obs names"),
     (dict(train_indices=[0, 0, 1]), "train_indices repeats 1 cells"), (dict(train_indices=[400]), "outside 0..399"),
     (dict(train_indices=np.arange(10), val_indices=np.arange(5, 20)), "share 5 cells"),
@@ -780,3 +780,10 @@ def test_simulate_refuses_bad_sizes():
     for kwargs, match in [(dict(n_cells=0), "n_cells must be an integer >= 1"), (dict(n_genes=-5), "n_genes"),
                           (dict(n_batches=1), "n_batches must be an integer >= 2"), (dict(dispersion=0), "dispersion must be")]:
         with pytest.raises(ValueError, match=match): data.simulate(**kwargs)
+
+
+def test_fast_paths_train_the_same_model(adata):
+    "The fused training nodes (scmedal.fast_paths) and the plain formulas give the same network, up to float rounding."
+    z = {fast: SCMEDAL(adata, models=("re",), **SMALL, fast_paths=fast).train(max_epochs=2, batch_size=128, progress_bar=False)
+         .get_latent_representation(kind="re") for fast in (True, False)}
+    np.testing.assert_allclose(z[True], z[False], atol=1e-4)
