@@ -178,15 +178,15 @@ class FixedEffectsModule(nn.Module):
         "'ae', 'aec', 'fe' or 'fec'."
         return ("fe" if self.adversarial else "ae") + ("c" if self.classifier is not None else "")
 
-    def encode(self, x: Tensor) -> Tensor:
-        "The latent $z_{fe}$ of x."
+    def encode(self, x: Tensor, batch_index: Tensor | None = None) -> Tensor:
+        "The latent $z_{fe}$ of x (`batch_index`, part of every model's signature, is not read: FE has no batch input)."
         return self.encoder(x)
 
     def decode(self, z: Tensor) -> Tensor:
         "The reconstruction $\\hat x$ of a latent."
         return self.decoder(z)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor | list[Tensor]]:
+    def forward(self, x: Tensor, batch_index: Tensor | None = None) -> dict[str, Tensor | list[Tensor]]:
         "Encoder activations [a1, a2, z], latent z, reconstruction x_hat and, with a head, label_logits."
         activations = self.encoder(x, return_all=True)
         out = dict(activations=activations, z=activations[-1], x_hat=self.decoder(activations[-1]))
