@@ -391,18 +391,21 @@ def counterfactual_agreement(
     scored = np.zeros(adata.n_obs, bool); scored[as_indices(np.arange(adata.n_obs) if cells is None else cells, adata.obs_names, name="cells")] = True
     batch, group = (adata.obs[k].astype(str).to_numpy() for k in (batch_key, group_key))
     halves, rows = np.random.default_rng(seed).random(adata.n_obs) < 0.5, []
+    batches = obs_categories(adata, batch_key)
+    batch_means = {b: _mean(adata.X, batch == b) for b in batches}
     for g in obs_categories(adata, group_key):
-        for s in obs_categories(adata, batch_key):
-            source = (group == g) & (batch == s) & scored
+        for s in batches:
+            source, in_source = (group == g) & (batch == s) & scored, (group == g) & (batch == s)
             if source.sum() < min_cells: continue
-            for t in obs_categories(adata, batch_key):
+            moved = adata[np.flatnonzero(source)]
+            unmoved, source_mean = np.asarray(predict(moved, s)).mean(0), _mean(adata.X, in_source)
+            for t in batches:
                 target = (group == g) & (batch == t)
                 if t == s or target.sum() < min_cells: continue
-                observed = _mean(adata.X, target) - _mean(adata.X, (group == g) & (batch == s))
-                moved = adata[np.flatnonzero(source)]
-                prediction = np.asarray(predict(moved, t)).mean(0) - np.asarray(predict(moved, s)).mean(0)
-                pooled = _mean(adata.X, batch == t) - _mean(adata.X, batch == s)
-                half_effect = lambda h: _mean(adata.X, target & (halves == h)) - _mean(adata.X, (group == g) & (batch == s) & (halves == h))
+                observed = _mean(adata.X, target) - source_mean
+                prediction = np.asarray(predict(moved, t)).mean(0) - unmoved
+                pooled = batch_means[t] - batch_means[s]
+                half_effect = lambda h: _mean(adata.X, target & (halves == h)) - _mean(adata.X, in_source & (halves == h))
                 rows.append(dict(group=g, source=s, target=t, n_source=int(source.sum()), n_target=int(target.sum()),
                                  **dict(zip(("r", "R2"), _fit(prediction, observed))),
                                  **dict(zip(("pooled_r", "pooled_R2"), _fit(pooled, observed))),
