@@ -28,10 +28,6 @@ cells, the 2,916 most variable of 5,832 genes, 14 batches, preprocessed like the
 training and test sizes), trained for a fixed number of epochs (`--sim-epochs`, no validation), so that the speed
 can be checked without the AML file and compared between real and simulated sparsity.
 
-Every model process first frees one ~32 MB block (`scmedal.fixed_effects.reuse_heap_for_step_tensors`, which
-scMEDAL's training plans call at fit start): glibc's malloc then reuses the step's multi-MB tensors from its heap
-instead of mapping and page-faulting them anew each step. scVI gets the same allocator state.
-
 What the count finds per cell (forward multiply-adds; G = 2,916 genes, B = 14 batches), for reference:
   FE: encoder G·512 + 512·132 + 132·50 = 1.567 M, tied decoder the same, adversary on all activations
       (512 + 132 + 50)·512 + 512·132 + 132·B = 0.425 M, run twice per step (adversary step, autoencoder step).
@@ -71,7 +67,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scmedal import data, datasets, metrics, peers
-from scmedal.fixed_effects import reuse_heap_for_step_tensors
 from scmedal.model import SCMEDAL
 
 BATCH_SIZE, SEED, BATCH_KEY, LABELS_KEY = 512, 0, "patient", "cell_type"
@@ -195,7 +190,6 @@ def measure(kind, path, name, args):
     "Everything the script reports about one model on data set `name` ('aml' or 'simulated'), measured in this (fresh) process."
     quiet()
     torch.set_num_threads(args.threads)
-    reuse_heap_for_step_tensors()  # what scMEDAL's training plans do at fit start, for scVI too
     adata = ad.read_h5ad(path / f"{name}.h5ad")
     split = dict(np.load(path / f"{name}_split.npz"))
     calls = count_step(kind, adata, split, args)

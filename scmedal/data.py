@@ -447,11 +447,10 @@ class EpochShuffle(torch.utils.data.Sampler):
     "A random order per epoch that depends only on (seed, epoch), so epoch e is shuffled the same however training got there."
     def __init__(self,
                  n: int,  # number of items
-                 seed: int = 0,  # base seed
-                 first_epoch: int = 0):  # epoch number of the first pass (later when resuming)
-        self.n, self.seed, self.first_epoch, self.epoch = n, seed, first_epoch, first_epoch
+                 seed: int = 0):  # base seed
+        self.n, self.seed, self.epoch = n, seed, 0
 
-    def set_epoch(self, epoch: int): self.epoch = self.first_epoch + epoch  # Lightning calls this before every epoch
+    def set_epoch(self, epoch: int): self.epoch = epoch  # Lightning calls this before every epoch (continued on resume)
     def __len__(self): return self.n
 
     def __iter__(self):
@@ -471,7 +470,6 @@ class SCMEDALDataModule(L.LightningDataModule):
                  scaling: str | dict = "global",  # "global", "gene", or fitted parameters to reuse
                  registry: dict | None = None,  # encodings; default adata.uns["scmedal"]
                  seed: int = 0,  # seed of the training shuffle (see `EpochShuffle`)
-                 first_epoch: int = 0,  # epoch the training shuffle starts at (later when resuming a training)
                  num_workers: int = 0):  # DataLoader worker processes
         super().__init__()
         self.adata, self.registry = adata, registry or get_registry(adata)
@@ -486,7 +484,7 @@ class SCMEDALDataModule(L.LightningDataModule):
         self.indices["predict"] = every
         X = _matrix(adata, self.registry["layer"])
         self.scaling = scaling if isinstance(scaling, dict) else fit_scaling(X, method=scaling, indices=self.indices["train"])
-        self.seed, self.first_epoch, self.num_workers = seed, first_epoch, num_workers
+        self.seed, self.num_workers = seed, num_workers
 
     def loader(self,
                split: str,  # "train", "val", "test" or "predict" (every cell)
@@ -494,7 +492,7 @@ class SCMEDALDataModule(L.LightningDataModule):
         "A loader over one split (an empty list if the split has no cells), seeded apart from torch's global stream."
         if self.indices[split] is None: return []
         rows = AnnDataRows(self.adata, self.indices[split], self.scaling, self.registry)
-        sampler = EpochShuffle(len(rows), self.seed, self.first_epoch) if shuffle else None
+        sampler = EpochShuffle(len(rows), self.seed) if shuffle else None
         lone_last_cell = shuffle and len(rows) % self.batch_size == 1  # BatchNorm cannot train on one cell: skip it this epoch
         return rows.loader(self.batch_size, sampler=sampler, drop_last=lone_last_cell,
                            generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers)

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['KINDS', 'MODEL_FORMAT', 'load', 'batch_shifts', 'MixedEffectsDecoder', 'ModelKind', 'build_module', 'training_plan',
-           'history_frame', 'seeded', 'SCMEDAL', 'ddp_strategy', 'posterior_sampling', 'read_model_file', 'train_kfold']
+           'history_frame', 'seeded', 'SCMEDAL', 'fit_from_checkpoint', 'ddp_strategy', 'posterior_sampling',
+           'read_model_file', 'train_kfold']
 
 # %% ../nbs/03_mixed_model.ipynb #35e2f625
 import contextlib
@@ -177,11 +178,10 @@ def training_plan(
 
 # %% ../nbs/03_mixed_model.ipynb #1d962eb1
 def history_frame(rows: list[dict], # a training plan's `history`: one dict per epoch, with its `epoch`
-                  first_epoch: int = 0, # epochs trained before this fit (when resuming)
                  ) -> pd.DataFrame:
     "A fit's per-epoch logged values as a DataFrame indexed by epoch."
     frame = pd.DataFrame(rows)
-    return frame.assign(epoch=frame["epoch"] + first_epoch).set_index("epoch") if rows else frame
+    return frame.set_index("epoch") if rows else frame
 
 # %% ../nbs/03_mixed_model.ipynb #df8e7c09
 @contextlib.contextmanager
@@ -251,21 +251,23 @@ class SCMEDAL:
                 f"{len(self.registry['batch_categories'])} batches of '{self.registry['batch_key']}'; {state})")
 
 # %% ../nbs/03_mixed_model.ipynb #97708798
-class _TrainingState(L.Callback):
-    "Record, and on resume restore, what the next epoch depends on besides the weights: Adam's moments and torch's random state."
-    def __init__(self,
-                 state: dict | None = None):  # a previous fit's `.state` to continue from; None for a fresh fit
-        self.state = state
-        self.epochs = 0 if state is None else state["epochs"]
-
-    def on_train_start(self, trainer, pl_module):
-        if self.state is None: return
-        for optimizer, saved in zip(trainer.optimizers, self.state["optimizers"]): optimizer.load_state_dict(saved)
-        torch.set_rng_state(self.state["torch_rng"])
-
-    def on_train_end(self, trainer, pl_module):
-        self.state = dict(epochs=self.epochs + trainer.current_epoch, torch_rng=torch.get_rng_state(),
-                          optimizers=[copy.deepcopy(o.state_dict()) for o in trainer.optimizers])
+def fit_from_checkpoint(trainer: L.Trainer,  # the fit's trainer
+                        plan: L.LightningModule,  # the training plan
+                        datamodule: L.LightningDataModule,  # the data
+                        checkpoint: dict | None = None,  # a previous fit's end (from this function) to continue from
+                       ) -> dict:  # the Lightning checkpoint of this fit's end, without the weights (they stay in `plan`)
+    "Fit `plan` with Lightning, continuing from `checkpoint` when given, and return the checkpoint of the fit's end."
+    with tempfile.TemporaryDirectory() as folder:
+        start = None
+        if checkpoint is not None:
+            start = Path(folder) / "start.ckpt"
+            torch.save(dict(checkpoint, state_dict=plan.state_dict()), start)
+        trainer.fit(plan, datamodule=datamodule, ckpt_path=start, weights_only=True)
+        end = Path(trainer.strategy.broadcast(folder)) / "end.ckpt"  # under DDP, process 0 writes the file for all
+        trainer.save_checkpoint(end)
+        checkpoint = torch.load(end, weights_only=True, map_location="cpu")
+        trainer.strategy.barrier()  # every process has read the file before process 0 removes its folder
+    return {k: v for k, v in checkpoint.items() if k != "state_dict"}
 
 # %% ../nbs/03_mixed_model.ipynb #a08ebb9e
 def ddp_strategy(strategy):  # a Lightning strategy name or object
@@ -315,19 +317,18 @@ def train(self: SCMEDAL,
     if val_indices is None: trainer_kwargs.setdefault("limit_val_batches", 0)
     for kind, module in self.modules.items():
         plan = training_plan(kind, module, dataset=self.init_params["dataset"], lr=lr, **(loss_weights or {}).get(kind, {}))
-        state = _TrainingState(self.train_state[kind] if resume else None)
-        dm.first_epoch = state.epochs  # the shuffle continues at the right epoch
+        checkpoint = self.train_state[kind] if resume else None
+        epochs_done = checkpoint["epoch"] if resume else 0
         stop = [L.pytorch.callbacks.EarlyStopping("val_recon_loss", patience=patience)] if early_stopping else []
-        trainer = _trainer(max_epochs, [state, *stop, *(callbacks or [])], progress_bar=progress_bar, accelerator=accelerator,
+        trainer = _trainer(epochs_done + max_epochs, [*stop, *(callbacks or [])], progress_bar=progress_bar, accelerator=accelerator,
                            devices=devices, strategy=strategy, precision=precision, **trainer_kwargs)
         with seeded(self.init_params["seed"]):
             if kind == "mixed": module.fit_batch_shifts(dm.loader("train"))  # FE is trained by now (built and trained last)
             module.train()  # Lightning keeps each submodule's mode, and a trained or loaded module is in eval mode
             with warnings.catch_warnings():  # the mixed decoder's frozen FE encoder is in eval mode on purpose
                 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-                trainer.fit(plan, datamodule=dm)
-        self.train_state[kind] = state.state
-        history = history_frame(plan.history, state.epochs)
+                self.train_state[kind] = fit_from_checkpoint(trainer, plan, dm, checkpoint)
+        history = history_frame(plan.history)
         self.history[kind] = pd.concat([self.history[kind], history]) if resume else history
         module.cpu().eval()
     self.is_trained = True
