@@ -8,6 +8,7 @@ import torch
 
 from scmedal.fixed_effects import (FE_BN_MOMENTUM, KERAS_BN_MOMENTUM, AdversarialTrainingPlan, FixedEffectsModule,
                                    TrainingPlan, classification_terms, quiet_trainer)
+from scmedal.model import training_plan
 from scmedal.random_effects import RandomEffects, RandomEffectsModule, gaussian_kl
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -87,8 +88,8 @@ def test_validation_changes_nothing():
 
 
 def test_paper_weights_are_used():
-    assert AdversarialTrainingPlan(fe_module("fe"), dataset="hh").loss_weights == dict(w_recon=600.0, w_gen=1.0)
-    assert TrainingPlan(RandomEffectsModule(G, B, **SMALL), dataset="asd").loss_weights["w_latent_batch"] == 0.4
+    assert training_plan("fe", fe_module("fe"), dataset="hh").loss_weights == dict(w_recon=600.0, w_gen=1.0)
+    assert training_plan("re", RandomEffectsModule(G, B, **SMALL), dataset="asd").loss_weights["w_latent_batch"] == 0.4
 
 
 @pytest.mark.parametrize("make", [lambda: fe_module("fec"), lambda: RandomEffectsModule(G, B, **SMALL)])
