@@ -1,7 +1,6 @@
 """Tests of scmedal.metrics: agreement with direct scikit-learn computations, known answers, bad input."""
 import copy
-import os
-from pathlib import Path
+import sys
 
 import anndata as ad
 import numpy as np
@@ -14,14 +13,11 @@ from scipy import stats
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, calinski_harabasz_score, davies_bouldin_score,
-                             silhouette_samples, silhouette_score)
+                             silhouette_score)
 from sklearn.preprocessing import StandardScaler
 
-from scmedal import metrics
-from scmedal import datasets
+from scmedal import data, datasets, metrics
 from scmedal.datasets import onek1k_subset
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_adata(n_per=40, seed=0):
@@ -144,77 +140,52 @@ def test_mec_needs_both_indices(adata):
         metrics.mec_score(adata, target_key="condition", use_rep="X_noise", train_indices=np.arange(10))
 
 
-# --- scib-style integration scores ---------------------------------------------------------------------------
+# --- scib-metrics -----------------------------------------------------------------------------------------
 
-def test_batch_asw_is_the_scib_definition(adata):
-    Z, b, y = adata.obsm["X_separated"], adata.obs.batch.to_numpy(), adata.obs.cell_type.to_numpy()
-    by_hand = np.mean([np.mean(1 - np.abs(silhouette_samples(Z[y == t], b[y == t]))) for t in ["t0", "t1", "t2"]])
-    assert metrics.batch_asw(adata, use_rep="X_separated") == pytest.approx(by_hand, abs=1e-12)
-    assert metrics.batch_asw(adata, use_rep="X_mixed") > 0.9
-
-
-def test_perplexity_weights_reach_the_target_entropy():
-    dist = np.sort(np.random.default_rng(0).gamma(2.0, 1.0, (50, 90)), axis=1)
-    p = metrics._perplexity_weights(dist, 30)
-    np.testing.assert_allclose(p.sum(1), 1.0)
-    np.testing.assert_allclose(-(p * np.log(p)).sum(1), np.log(30), atol=1e-4)
+@pytest.fixture(scope="module")
+def sim():
+    "240 preprocessed simulated cells of 3 donors and 3 cell types, with a PCA and a donor-only embedding."
+    cells = data.preprocess(data.simulate(n_cells=240, n_genes=300, n_batches=3, n_cell_types=3, seed=0), n_top_genes=200)
+    cells.obsm["X_pca"] = sc.pp.pca(cells.X, n_comps=10, random_state=0)
+    cells.obsm["X_donor"] = pd.get_dummies(cells.obs.batch).to_numpy(float) + np.random.default_rng(0).normal(scale=0.1, size=(cells.n_obs, 3))
+    return cells
 
 
-def harmony_simpson(dist, idx, codes, n_groups, perplexity, tol=1e-5):
-    "Per-cell loop transcribed from Harmony's `compute_simpson` (Korsunsky et al. 2019), as the reference."
-    simpson = np.zeros(len(dist))
-    for i, d in enumerate(dist):
-        beta, lo, hi = 1.0, -np.inf, np.inf
-        for _ in range(51):
-            P = np.exp(-d * beta)
-            H = np.log(P.sum()) + beta * np.sum(d * P) / P.sum()
-            P = P / P.sum()
-            if abs(H - np.log(perplexity)) < tol: break
-            if H > np.log(perplexity): lo, beta = beta, beta * 2 if np.isinf(hi) else (beta + hi) / 2
-            else: hi, beta = beta, beta / 2 if np.isinf(lo) else (beta + lo) / 2
-        simpson[i] = sum(P[codes[idx[i]] == c].sum() ** 2 for c in range(n_groups))
-    return simpson
+def test_scib_scores_need_scib_metrics(adata, monkeypatch):
+    monkeypatch.setitem(sys.modules, "scib_metrics", None)  # as if not installed
+    with pytest.raises(ImportError, match=r'pip install "scmedal\[bench\]"'):
+        metrics.scib_scores(adata, "X_mixed", batch_key="batch", labels_key="cell_type", pre_integrated="X_separated")
 
 
-def test_lisi_equals_harmony_reference():
-    rng = np.random.default_rng(1)
-    codes = rng.integers(0, 3, 400)
-    X = rng.normal(size=(400, 5)) + (codes == 0)[:, None]
-    dist, idx = metrics._knn(X, 90)
-    np.testing.assert_allclose(metrics._lisi(dist, idx, codes, 30), 1 / harmony_simpson(dist, idx, codes, 3, 30), rtol=1e-10)
+def test_default_reference_is_the_benchmarkers_pca(sim):
+    theirs = ad.AnnData(sim.X.copy())
+    sc.tl.pca(theirs, svd_solver="arpack", mask_var=None)  # what `Benchmarker.prepare` runs when given no reference
+    np.testing.assert_array_equal(metrics._uncorrected(sim, None), theirs.obsm["X_pca"])
 
 
-def test_lisi_needs_enough_cells(adata):
-    with pytest.raises(ValueError, match="perplexity"):
-        metrics.lisi(adata[:50], use_rep="X_mixed", key="cell_type", perplexity=30)
-
-
-def test_graph_connectivity_known_values():
-    rng = np.random.default_rng(0)
-    blob = lambda n, centre: centre + rng.normal(size=(n, 2))
-    Z = np.vstack([blob(100, 0.0), blob(50, 100.0), blob(80, -100.0)])  # label A = two far blobs (100 + 50), label B = one
-    obs = pd.DataFrame(dict(cell_type=["A"] * 150 + ["B"] * 80), index=[f"c{i}" for i in range(230)])
-    adata = ad.AnnData(obs=obs, obsm=dict(X_emb=Z))
-    assert metrics.graph_connectivity(adata, use_rep="X_emb") == pytest.approx((100 / 150 + 1) / 2)
-
-
-def test_integration_scores_agree_with_single_functions(adata):
-    table = metrics.integration_scores(adata, use_rep=["X_mixed", "X_separated"])
-    assert set(table.columns) == {"embedding", "category", "metric", "value", "n_cells"}
-    one = table.set_index(["embedding", "metric"]).value
-    assert one["X_separated", "batch_asw"] == pytest.approx(metrics.batch_asw(adata, use_rep="X_separated"))
-    assert one["X_mixed", "ilisi"] == pytest.approx(metrics.ilisi(adata, use_rep="X_mixed"))
-    assert one["X_mixed", "clisi"] == pytest.approx(metrics.clisi(adata, use_rep="X_mixed"))
-    assert one["X_separated", "graph_connectivity"] == pytest.approx(0.5)
-    assert one["X_mixed", "celltype_asw"] == pytest.approx((silhouette_score(adata.obsm["X_mixed"], adata.obs.cell_type) + 1) / 2)
+def test_scib_scores_are_unscaled_and_independent_of_the_other_embeddings(sim):
+    pytest.importorskip("scib_metrics")
+    before = copy.deepcopy(sim)
+    both = metrics.scib_scores(sim, ["X_pca", "X_donor"], batch_key="batch", labels_key="cell_type")
+    alone = metrics.scib_scores(sim, {"PCA": sim.obsm["X_pca"]}, batch_key="batch", labels_key="cell_type")
+    assert list(both.index) == ["X_pca", "X_donor"] and list(alone.index) == ["PCA"]
+    assert list(both.columns[-3:]) == ["Batch correction", "Bio conservation", "Total"] and len(both.columns) == 13
+    pd.testing.assert_series_equal(both.loc["X_pca"], alone.loc["PCA"], check_names=False)  # min-max scaling would differ
+    batch = ["BRAS", "iLISI", "KBET", "Graph connectivity", "PCR comparison"]
+    np.testing.assert_allclose(both["Batch correction"], both[batch].mean(axis=1), rtol=1e-6)
+    bio = ["Isolated labels", "KMeans NMI", "KMeans ARI", "Silhouette label", "cLISI"]
+    np.testing.assert_allclose(both["Bio conservation"], both[bio].mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(both["Total"], 0.4 * both["Batch correction"] + 0.6 * both["Bio conservation"], rtol=1e-6)
+    assert both.loc["X_pca", "Batch correction"] > both.loc["X_donor", "Batch correction"]
+    assert sim.obsm.keys() == before.obsm.keys() and sim.uns.keys() == before.uns.keys()
+    pd.testing.assert_frame_equal(sim.obs, before.obs)
 
 
 # --- bad input and side effects ------------------------------------------------------------------------------
 
 CALLS = {
     "clustering_scores": lambda a, **kw: metrics.clustering_scores(a, **{"use_rep": "X_mixed", **kw}),
-    "integration_scores": lambda a, **kw: metrics.integration_scores(a, **{"use_rep": "X_mixed", **kw}),
-    "batch_asw": lambda a, **kw: metrics.batch_asw(a, **{"use_rep": "X_mixed", **kw}),
+    "scib_scores": lambda a, **kw: metrics.scib_scores(a, kw.pop("use_rep", "X_mixed"), **{"batch_key": "batch", "labels_key": "cell_type", **kw}),
     "mec_score": lambda a, **kw: metrics.mec_score(a, **{"use_rep": "X_mixed", "target_key": kw.pop("batch_key", "condition"), **kw}),
 }
 
@@ -248,7 +219,6 @@ def test_missing_labels_are_refused(adata):
 def test_inputs_are_not_modified(adata):
     before = copy.deepcopy(adata)
     metrics.clustering_scores(adata, use_rep=["X_mixed", "X_separated"], n_sample=100)
-    metrics.integration_scores(adata, use_rep="X_mixed")
     metrics.mec_score(adata, target_key="condition", use_rep=("X_noise", ("X_noise", "X_batch")), n_estimators=10)
     pd.testing.assert_frame_equal(adata.obs, before.obs)
     assert adata.obsm.keys() == before.obsm.keys() and not adata.uns and not adata.obsp
