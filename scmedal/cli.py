@@ -184,19 +184,19 @@ def run(
     epochs: int = 30,  # epochs per network
     n_hidden: tuple = (512, 132),  # hidden widths
     n_latent: int = 50,  # latent width
-    batch_size: int = 512,  # cells per minibatch
-    lr: float = 1e-4,  # Adam learning rate (the paper's 1e-4)
+    batch_size: int | None = None,  # cells per minibatch (default: the model's)
+    lr: float | None = None,  # Adam learning rate (default: each network's)
     seed: int = 0,  # seed of everything
     progress_bar: bool = True,  # Lightning progress bars
     overwrite: bool = False,  # replace an existing output folder (once the new one is complete)
 ) -> dict:  # paths of what was written
-    "Train FE, RE and the mixed-effects decoder on fold 1; write latents, counterfactuals, metrics, figures, the model, a report: all or nothing."
+    "Train FE and RE on fold 1; write latents, counterfactuals, metrics, figures, the model, a report: all or nothing."
     out = _check_out(out, overwrite=overwrite)
     reg = adata.uns["scmedal"]
     split = data.kfold_splits(adata, batch_key=reg["batch_key"], labels_key=reg["labels_key"])[0]
     with _staged(out) as folder:
         start = time.time()
-        model = SCMEDAL(adata, models=("fe", "re", "mixed"), n_hidden=n_hidden, n_latent=n_latent, seed=seed)
+        model = SCMEDAL(adata, models=("fe", "re"), n_hidden=n_hidden, n_latent=n_latent, seed=seed)
         model.train(max_epochs=epochs, batch_size=batch_size, lr=lr, train_indices=split["train"], val_indices=split["val"],
                     progress_bar=progress_bar)
         print(f"trained FE and RE for {epochs} epochs in {time.time() - start:.0f} s")
@@ -230,7 +230,7 @@ def _counterfactual_anndata(model, adata, *, max_cells=2000, seed=0):
     cf.layers["input"] = sub.X.toarray() if hasattr(sub.X, "toarray") else np.asarray(sub.X)
     cf.layers["fe_reconstruction"] = model.get_reconstruction(sub, kind="fe").astype(np.float32)
     for batch in model.registry["batch_categories"]:
-        cf.layers[f"to_{batch}"] = model.get_counterfactual(sub, transform_batch=batch, mode="mixed").astype(np.float32)
+        cf.layers[f"to_{batch}"] = model.get_counterfactual(sub, transform_batch=batch).astype(np.float32)
     return cf
 
 def _scores(adata, split):
@@ -334,8 +334,9 @@ def _parser():
     cf.add_argument("model", help="folder of a saved model (the `model/` of a run)")
     cf.add_argument("input", help=".h5ad with the model's genes and batch column, log-normalised (e.g. the run's adata.h5ad)")
     cf.add_argument("--to-batch", required=True, help="batch every cell is moved to")
-    cf.add_argument("--mode", choices=["mixed", "full", "decoder"], default="mixed",
-                    help="mixed: the mixed-effects decoder (recovers known batch effects); full/decoder: the paper's RE variants")
+    cf.add_argument("--mode", choices=["fe", "full", "decoder", "mixed"],
+                    help="default: the model's (fe: the mixed-effects FE network); full/decoder: the paper's RE variants; "
+                         "mixed: the paper preset's mixed-effects decoder")
     cf.add_argument("--out", default="counterfactual.h5ad", help="output .h5ad file (default: counterfactual.h5ad)")
     return parser
 
@@ -366,7 +367,7 @@ def _counterfactual(args):
                          "run scmedal.data.preprocess first, or pass the run's adata.h5ad")
     cf = model.get_counterfactual(adata, transform_batch=args.to_batch, mode=args.mode)
     result = ad.AnnData(cf.astype(np.float32), obs=adata.obs.copy(), var=pd.DataFrame(index=model.var_names))
-    result.uns["scmedal_counterfactual"] = dict(to_batch=args.to_batch, mode=args.mode)
+    result.uns["scmedal_counterfactual"] = dict(to_batch=args.to_batch, mode=args.mode or model.preset.counterfactual_mode)
     with _staged(out, folder=False) as tmp: result.write_h5ad(tmp)
     return dict(counterfactual=out)
 

@@ -12,7 +12,7 @@ def aml_model(data_dir):
     adata = data.preprocess(datasets.vangalen2019_aml(data_dir=data_dir))
     scmedal.SCMEDAL.setup_anndata(adata, batch_key="patient", labels_key="cell_type", condition_key="condition")
     split = data.kfold_splits(adata, batch_key="patient", labels_key="cell_type")[0]
-    model = scmedal.SCMEDAL(adata, dataset="aml").train(max_epochs=3, lr=1e-3, train_indices=split["train"],
+    model = scmedal.SCMEDAL(adata, preset="paper", dataset="aml").train(max_epochs=3, lr=1e-3, train_indices=split["train"],
                                                         val_indices=split["val"], progress_bar=False)
     return adata, split, model
 

@@ -88,8 +88,8 @@ def test_validation_changes_nothing():
 
 
 def test_paper_weights_are_used():
-    assert training_plan("fe", fe_module("fe"), dataset="hh").loss_weights == dict(w_recon=600.0, w_gen=1.0)
-    assert training_plan("re", RandomEffectsModule(G, B, **SMALL), dataset="asd").loss_weights["w_latent_batch"] == 0.4
+    assert training_plan("fe", fe_module("fe"), preset="paper", dataset="hh").loss_weights == dict(w_recon=600.0, w_gen=1.0)
+    assert training_plan("re", RandomEffectsModule(G, B, **SMALL), preset="paper", dataset="asd").loss_weights["w_latent_batch"] == 0.4
 
 
 @pytest.mark.parametrize("make", [lambda: fe_module("fec"), lambda: RandomEffectsModule(G, B, **SMALL)])

@@ -442,7 +442,7 @@ def test_training_and_inference_leave_adata_alone(adata):
 
 
 # ---------------------------------------------------------------- persistence
-OUTPUTS = {**INFERENCE, "counterfactual samples": ("get_counterfactual", dict(transform_batch="donor1", n_samples=2))}
+OUTPUTS = {**INFERENCE, "counterfactual samples": ("get_counterfactual", dict(transform_batch="donor1", mode="full", n_samples=2))}
 
 
 def outputs(m, adata):
@@ -571,11 +571,12 @@ def with_batch(a, batch, n=60):
 
 @pytest.mark.parametrize("batch", ["donor_new", np.nan], ids=["new batch", "missing batch"])
 def test_unseen_batch_fixed_effects_unaffected(model, adata, batch):
+    "FE's latent does not read the batch: the same latent, no warning; its decoder does (an average batch, with a warning)."
     new = with_batch(adata, batch)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # FE does not read the batch: no warning
-        for method in ("get_latent_representation", "get_reconstruction"):
-            np.testing.assert_array_equal(getattr(model, method)(new, kind="fe"), getattr(model, method)(adata[:60], kind="fe"))
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(model.get_latent_representation(new, kind="fe"), model.get_latent_representation(adata[:60], kind="fe"))
+    with pytest.warns(UserWarning, match="batches not seen in training"): model.get_reconstruction(new, kind="fe")
 
 
 @pytest.mark.parametrize("batch,named", [("donor_new", "donor_new"), (np.nan, "nan")], ids=["new batch", "missing batch"])
@@ -689,9 +690,10 @@ def test_train_refuses_bad_options(adata, kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(models=()), "at least one"), (dict(models=("fe", "fe")), "twice"), (dict(models=("mixed",)), "must include 'fe'"),
+    (dict(models=()), "at least one"), (dict(models=("fe", "fe")), "twice"), (dict(models=("mixed",), preset="paper"), "must include 'fe'"),
     (dict(n_latent=0), "n_latent must be an integer >= 1, got 0"), (dict(n_hidden=()), "n_hidden must hold"),
-    (dict(n_hidden=(32, 0)), "each of n_hidden must be"), (dict(dataset="foo"), "dataset must be None or one of"),
+    (dict(n_hidden=(32, 0)), "each of n_hidden must be"), (dict(dataset="foo", preset="paper"), "dataset must be None or one of"),
+    (dict(dataset="aml"), "use it with preset='paper'"), (dict(preset="fast"), "preset must be one of"),
     (dict(scaling="zscore"), "scaling must be one of"), (dict(seed=-1), "seed must be an integer >= 0"),
     (dict(module_kwargs={"ae": {}}), "models that are not built: \\['ae'\\]")])
 def test_constructor_refuses_bad_options(adata, kwargs, match):
@@ -724,7 +726,7 @@ def test_counterfactual_samples_need_two_draws(model, adata, n_samples):
 
 
 def test_counterfactual_sampling_is_reproducible(model):
-    first, second = (model.get_counterfactual(transform_batch="donor1", n_samples=3) for _ in range(2))
+    first, second = (model.get_counterfactual(transform_batch="donor1", mode="full", n_samples=3) for _ in range(2))
     for a, b in zip(first, second): np.testing.assert_array_equal(a, b)
     assert np.isfinite(first[1]).all() and (first[1] > 0).any()
 
@@ -740,7 +742,7 @@ def test_global_random_state_is_left_alone(model, adata, step, monkeypatch):
     before = random_states()
     if step == "construct": SCMEDAL(adata, **SMALL, seed=5)
     if step == "train": SCMEDAL(adata, models=("fe",), **SMALL, seed=5).train(max_epochs=1, batch_size=128, progress_bar=False)
-    if step == "sample": model.get_counterfactual(transform_batch="donor1", n_samples=2)
+    if step == "sample": model.get_counterfactual(transform_batch="donor1", mode="full", n_samples=2)
     after = random_states()
     assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
     assert "PL_GLOBAL_SEED" not in os.environ
