@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['KINDS', 'PAPER_LOSS_WEIGHTS', 'MIXED_EFFECTS_FE', 'PRESETS', 'MODEL_FORMAT', 'load', 'batch_shifts',
            'MixedEffectsDecoder', 'ModelKind', 'Preset', 'model_kind', 'loss_weights', 'build_module', 'training_plan',
-           'history_frame', 'seeded', 'SCMEDAL', 'fit_from_checkpoint', 'ddp_strategy', 'posterior_sampling',
-           'read_model_file', 'train_kfold']
+           'history_frame', 'seeded', 'SCMEDAL', 'BestWeights', 'fit_from_checkpoint', 'ddp_strategy',
+           'posterior_sampling', 'read_model_file', 'train_kfold']
 
 # %% ../nbs/03_mixed_model.ipynb #35e2f625
 import contextlib
 import copy
+import math
 import os
 import random
 import tempfile
@@ -144,6 +145,8 @@ class ModelKind:
     batch_free_latent: bool = False  # its latent does not depend on the batch, even though its decoder reads it
     lr: float = 1e-4  # Adam learning rate that `train` uses by default
     max_epochs: int = 500  # epochs that `train` runs by default (fewer with early stopping)
+    min_steps: int = 0  # minibatch steps before early stopping may end training
+    max_steps: int | None = None  # minibatch steps that the default epochs may reach (more epochs on small data)
 
 KINDS = {  # the paper's networks (and our 'mixed' counterfactual decoder)
     "ae": ModelKind(FixedEffectsModule, TrainingPlan, False, dict(w_recon=1.0), dict(adversarial=False)),
@@ -161,7 +164,7 @@ PAPER_LOSS_WEIGHTS = {  # the authors' per-dataset changes to the fallback weigh
     "hh": {"fe": dict(w_recon=600.0)},
 }
 MIXED_EFFECTS_FE = ModelKind(MixedEffectsAutoencoder, MixedEffectsTrainingPlan, True, dict(kl_weight=0.03, w_adv=10.0),
-                             batch_free_latent=True, lr=3e-4, max_epochs=60)
+                             batch_free_latent=True, lr=3e-4, max_epochs=60, min_steps=2000, max_steps=4000)
 
 @dataclass(frozen=True)
 class Preset:
@@ -174,8 +177,9 @@ class Preset:
     counterfactual_mode: str  # the default mode of `get_counterfactual`
 
 PRESETS = {
-    "default": Preset({k: v for k, v in KINDS.items() if k != "mixed"} | {"fe": MIXED_EFFECTS_FE, "re": replace(KINDS["re"], lr=1e-3, max_epochs=200)},
-                      batch_size=256, early_stopping=True, patience=10, min_epochs=25, counterfactual_mode="fe"),
+    "default": Preset({k: v for k, v in KINDS.items() if k != "mixed"}
+                      | {"fe": MIXED_EFFECTS_FE, "re": replace(KINDS["re"], lr=1e-3, max_epochs=200, min_steps=1000)},
+                      batch_size=256, early_stopping=True, patience=8, min_epochs=25, counterfactual_mode="fe"),
     "paper": Preset(KINDS, batch_size=512, early_stopping=False, patience=30, min_epochs=0, counterfactual_mode="full"),
 }
 
@@ -313,6 +317,18 @@ class SCMEDAL:
                 f"{len(self.registry['batch_categories'])} batches of '{self.registry['batch_key']}'; {state})")
 
 # %% ../nbs/03_mixed_model.ipynb #97708798
+class BestWeights(L.Callback):
+    "Keep the weights of the epoch with the lowest validation reconstruction loss, and put them back when training ends."
+    def __init__(self): self.best, self.weights = math.inf, None
+
+    def on_validation_end(self, trainer, pl_module):
+        loss = trainer.callback_metrics.get("val_recon_loss")
+        if trainer.sanity_checking or loss is None or float(loss) >= self.best: return
+        self.best, self.weights = float(loss), copy.deepcopy(pl_module.module.state_dict())
+
+    def on_train_end(self, trainer, pl_module):
+        if self.weights is not None: pl_module.module.load_state_dict(self.weights)
+
 def fit_from_checkpoint(trainer: L.Trainer,  # the fit's trainer
                         plan: L.LightningModule,  # the training plan
                         datamodule: L.LightningDataModule,  # the data
@@ -386,11 +402,11 @@ def train(self: SCMEDAL,
                              **(loss_weights or {}).get(kind, {}))
         checkpoint = self.train_state[kind] if resume else None
         epochs_done = checkpoint["epoch"] if resume else 0
-        epochs = self.preset.kinds[kind].max_epochs if max_epochs is None else max_epochs
-        stop = [L.pytorch.callbacks.EarlyStopping("val_recon_loss", patience=patience)] if early_stopping else []
+        epochs, min_epochs = self._epochs(kind, max_epochs, len(dm.indices["train"]), batch_size)
+        stop = [L.pytorch.callbacks.EarlyStopping("val_recon_loss", patience=patience), BestWeights()] if early_stopping else []
         trainer = _trainer(epochs_done + epochs, [*stop, *(callbacks or [])], progress_bar=progress_bar, accelerator=accelerator,
                            devices=devices, strategy=strategy, precision=precision,
-                           min_epochs=min(self.preset.min_epochs, epochs_done + epochs) if early_stopping else None, **trainer_kwargs)
+                           min_epochs=min(min_epochs, epochs_done + epochs) if early_stopping else None, **trainer_kwargs)
         with seeded(self.init_params["seed"]):
             if kind == "mixed": module.fit_batch_shifts(dm.loader("train"))  # FE is trained by now (built and trained last)
             module.train()  # Lightning keeps each submodule's mode, and a trained or loaded module is in eval mode
@@ -402,6 +418,13 @@ def train(self: SCMEDAL,
         module.cpu().eval()
     self.is_trained = True
     return self
+
+@patch
+def _epochs(self: SCMEDAL, kind, max_epochs, n_train, batch_size) -> tuple[int, int]:
+    "Epochs to train `kind` for (the user's, or the network's default, raised to reach its `max_steps`), and the least before early stopping."
+    spec, steps_per_epoch = self.preset.kinds[kind], math.ceil(n_train / batch_size)
+    default = max(spec.max_epochs, math.ceil(spec.max_steps / steps_per_epoch)) if spec.max_steps else spec.max_epochs
+    return default if max_epochs is None else max_epochs, max(self.preset.min_epochs, math.ceil(spec.min_steps / steps_per_epoch))
 
 @patch
 def _batches_with_cells(self: SCMEDAL, train_indices):
