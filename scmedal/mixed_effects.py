@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fixed_effects import Classifier, LossOutput, TrainingPlan, adam, batch_norm, classification_terms, dense
+from .fixed_effects import Classifier, LossOutput, TrainingPlan, adam, classification_terms, dense
 
 # %% ../nbs/02b_mixed_effects.ipynb #26a2f49c
 class VariationalEncoder(nn.Module):
@@ -24,7 +24,7 @@ class VariationalEncoder(nn.Module):
         super().__init__()
         widths = [n_input, *n_hidden]
         self.linears = nn.ModuleList(dense(i, o) for i, o in zip(widths[:-1], widths[1:]))
-        self.norms = nn.ModuleList(batch_norm(h) for h in n_hidden)
+        self.norms = nn.ModuleList(nn.BatchNorm1d(h) for h in n_hidden)
         self.mean, self.log_var = dense(widths[-1], n_latent), dense(widths[-1], n_latent)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]: # (n, L) mean, (n, L) log-variance
@@ -51,7 +51,7 @@ class BatchConditionalDecoder(nn.Module):
         widths = [n_latent, *reversed(n_hidden), n_output]
         self.n_batches = n_batches
         self.linears = nn.ModuleList(dense(i + n_batches, o) for i, o in zip(widths[:-1], widths[1:]))
-        self.norms = nn.ModuleList(batch_norm(o) for o in widths[1:-1])
+        self.norms = nn.ModuleList(nn.BatchNorm1d(o) for o in widths[1:-1])
 
     def forward(self,
                 z: Tensor, # (n, L) latent

@@ -342,7 +342,7 @@ def fit_from_checkpoint(trainer: L.Trainer,  # the fit's trainer
             torch.save(dict(checkpoint, state_dict=plan.state_dict()), start)
         trainer.fit(plan, datamodule=datamodule, ckpt_path=start, weights_only=True)
         end = Path(trainer.strategy.broadcast(folder)) / "end.ckpt"  # under DDP, process 0 writes the file for all
-        trainer.save_checkpoint(end)
+        trainer.save_checkpoint(end, weights_only=False)  # the whole state: optimisers, loops, callbacks
         checkpoint = torch.load(end, weights_only=True, map_location="cpu")
         trainer.strategy.barrier()  # every process has read the file before process 0 removes its folder
     return {k: v for k, v in checkpoint.items() if k != "state_dict"}
@@ -551,7 +551,8 @@ def get_counterfactual(self: SCMEDAL,
                        scaled: bool = False,  # return min-max scaled output instead of log expression
                        batch_size: int = 4096):  # cells per inference minibatch
     "Every cell as if it came from `transform_batch`: cells × genes, or (mean, sd) with `n_samples`."
-    mode = data.check_choice(self.preset.counterfactual_mode if mode is None else mode, "mode", ("fe", "full", "decoder", "mixed"))
+    default = self.preset.counterfactual_mode if self.preset.counterfactual_mode in self.modules else "full"  # e.g. models=("re",)
+    mode = data.check_choice(default if mode is None else mode, "mode", ("fe", "full", "decoder", "mixed"))
     if n_samples != 0: data.check_int(n_samples, "n_samples (0 for posterior means, else the number of draws)", minimum=2)
     network = {"fe": "fe", "full": "re", "decoder": "re", "mixed": "mixed"}[mode]
     adata, module, code = self._aligned(adata), self._module(network), self._batch_code(transform_batch)
