@@ -17,7 +17,8 @@ from sklearn.decomposition import PCA
 from . import data
 
 # %% auto #0
-__all__ = ['SCVI_PAPER', 'pca_latent', 'harmony_latent', 'train_scvi', 'scvi_latent', 'train_scanvi', 'scanvi_latent']
+__all__ = ['SCVI_PAPER', 'pca_latent', 'harmony_latent', 'train_scvi', 'scvi_latent', 'scvi_counterfactual', 'train_scanvi',
+           'scanvi_latent']
 
 # %% ../nbs/07_peers.ipynb #9270a8f5
 def _scaled_expression(adata, scaling):
@@ -118,6 +119,23 @@ def scvi_latent(
     import scvi
     if model is None: model = train_scvi(adata, batch_key=batch_key, layer=layer, **kwargs)
     with _scvi_quiet(scvi): return model.get_latent_representation(_counts_anndata(adata, batch_key, layer))
+
+# %% ../nbs/07_peers.ipynb #8996eb2b
+def scvi_counterfactual(
+    adata: ad.AnnData,  # raw counts in `layer` (or X), the genes scVI was trained on
+    *,
+    model,  # a trained `scvi.model.SCVI` (e.g. from `train_scvi`)
+    batch_key: str,  # obs column with the batch
+    transform_batch: str,  # the batch every cell is decoded in
+    layer: str | None = "counts",  # layer with the raw counts; None for X
+    target_sum: float = 1e4,  # library size of the log-normalised units (as in `data.preprocess`)
+) -> np.ndarray:  # cells × genes, log(1 + expected counts per `target_sum`)
+    "Every cell of `adata` as if measured in batch `transform_batch`, by scVI's decoder; needs `scvi-tools`."
+    import scvi
+    cells = _counts_anndata(adata, batch_key, layer)
+    with _scvi_quiet(scvi):
+        expected = model.get_normalized_expression(cells, transform_batch=transform_batch, library_size=target_sum, return_numpy=True)
+    return np.log1p(expected)
 
 # %% ../nbs/07_peers.ipynb #04f83101
 _UNLABELLED = "unlabelled"  # scANVI's name for cells of unknown type (every training cell has a type)
