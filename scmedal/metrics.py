@@ -24,7 +24,7 @@ from .data import as_indices, check_int, obs_categories, simulated_log_expressio
 # %% auto #0
 __all__ = ['CLUSTERING_METRICS', 'representation', 'subsample_indices', 'clustering_scores', 'paper_table', 'mean_ci',
            'format_ci', 'aggregate_folds', 'mec_score', 'scib_scores', 'counterfactual_recovery',
-           'counterfactual_agreement']
+           'counterfactual_agreement', 'batch_distances']
 
 # %% ../nbs/04_metrics.ipynb #1992c9a6
 def representation(
@@ -286,3 +286,17 @@ def counterfactual_agreement(
                                  **dict(zip(("pooled_r", "pooled_R2"), _fit(pooled, observed))),
                                  ceiling_r=_ceiling(_fit(half_effect(True), half_effect(False))[0])))
     return pd.DataFrame(rows)
+
+# %% ../nbs/04_metrics.ipynb #4f262305
+def batch_distances(
+    effects: pd.DataFrame,  # tidy: batch, gene, effect (and group), e.g. from `SCMEDAL.get_batch_effects`
+) -> pd.DataFrame:  # batches × batches, symmetric, zero diagonal
+    "Root-mean-square difference of two batches' gene effects, over genes (and groups), for every pair of batches."
+    missing = {"batch", "gene", "effect"} - set(effects.columns)
+    if missing: raise ValueError(f"effects lacks the columns {sorted(missing)}; expected a table from SCMEDAL.get_batch_effects")
+    keys = ["gene", "group"] if "group" in effects else ["gene"]
+    wide = effects.pivot_table(index="batch", columns=keys, values="effect", observed=True)
+    if wide.isna().any().any(): raise ValueError("every batch needs an effect for every gene (and group): the table has gaps")
+    E = wide.to_numpy()
+    distances = np.sqrt(np.maximum(((E[:, None, :] - E[None, :, :]) ** 2).mean(2), 0))
+    return pd.DataFrame(distances, index=wide.index, columns=wide.index)

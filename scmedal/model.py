@@ -569,6 +569,51 @@ def get_counterfactual(self: SCMEDAL,
     draws = draws if scaled else self._unscale(draws)
     return draws.mean(0), draws.std(0, ddof=1)
 
+# %% ../nbs/03_mixed_model.ipynb #38ecd328
+def _effect_sums(deltas: dict, groups: np.ndarray, sums: dict):
+    "Add each batch's per-cell changes `deltas[b]` (cells × genes) into `sums[(b, group)]` = [cells, Σ, Σ²]."
+    for b, delta in deltas.items():
+        for g in pd.unique(groups):
+            part = delta[groups == g].astype(np.float64)
+            n, total, squares = sums.get((b, g), (0, 0.0, 0.0))
+            sums[(b, g)] = (n + len(part), total + part.sum(0), squares + (part ** 2).sum(0))
+
+def _effect_table(sums: dict, genes: list[str]) -> pd.DataFrame:
+    "The tidy table of mean effects, their spread over cells and their ranks from the accumulated sums."
+    frames = []
+    for (b, g), (n, total, squares) in sums.items():
+        effect = total / n
+        spread = np.sqrt(np.maximum(squares - n * effect ** 2, 0) / (n - 1)) if n > 1 else np.full(len(genes), np.nan)
+        rank = pd.Series(np.abs(effect)).rank(ascending=False, method="first").astype(int).to_numpy()
+        frames.append(pd.DataFrame(dict(batch=b, group=g, gene=genes, effect=effect, cell_sd=spread, n_cells=n, rank=rank)))
+    return pd.concat(frames, ignore_index=True).sort_values(["batch", "group", "rank"], ignore_index=True)
+
+@patch
+def get_batch_effects(self: SCMEDAL,
+                      adata: ad.AnnData | None = None,  # cells to average over (default: the training AnnData)
+                      *,
+                      groupby: str | None = None,  # obs column: one effect per group (e.g. cell type); None: one over all cells
+                      reference: str | None = None,  # batch the effects are measured from; None: the average training batch
+                      mode: str | None = None,  # counterfactual mode (default: the preset's, see `get_counterfactual`)
+                      batch_size: int = 4096,  # cells per inference minibatch
+                     ) -> pd.DataFrame:  # tidy: batch, group, gene, effect, cell_sd, n_cells, rank (1 = largest |effect|)
+    "Each batch's effect on each gene (per group): the mean change of the cells' counterfactuals from `reference` to that batch."
+    adata = self._aligned(adata)
+    if groupby is not None: data.obs_categories(adata, groupby)  # a clear error for a missing column or missing values
+    groups = np.full(adata.n_obs, "all cells", dtype=object) if groupby is None else adata.obs[groupby].astype(str).to_numpy()
+    if reference is not None: self._batch_code(reference)  # a clear error for a batch without training cells
+    batches, sums = self.trained_batches, {}
+    chunk = max(1, min(batch_size, 50_000_000 // (len(batches) * adata.n_vars)))  # bounds the memory of one chunk's counterfactuals
+    self._warn_unseen(adata)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="batches not seen in training")  # said once, above
+        for start in range(0, adata.n_obs, chunk):
+            cells = adata[start:start + chunk]
+            cf = {b: self.get_counterfactual(cells, transform_batch=b, mode=mode, batch_size=batch_size) for b in batches}
+            base = cf[reference] if reference is not None else np.mean(list(cf.values()), 0)
+            _effect_sums({b: cf[b] - base for b in batches if b != reference}, groups[start:start + chunk], sums)
+    return _effect_table(sums, self.var_names)
+
 # %% ../nbs/03_mixed_model.ipynb #e2908e38
 @patch
 def get_random_effects(self: SCMEDAL,

@@ -22,14 +22,14 @@ from matplotlib.lines import Line2D
 from scipy import sparse
 
 from .genomap import GenomapLayout, fit_genomap
-from .metrics import representation
+from .metrics import batch_distances, representation
 
 _all_ = ["GenomapLayout", "fit_genomap"]  # `scmedal.pl.fit_genomap` fits the layout the genomap figures draw
 
 # %% auto #0
 __all__ = ['categorical_colors', 'zscore_genes', 'plot_genomaps', 'umap_panel', 'embedding_panel', 'random_effects_heatmap',
-           'counterfactual_shifts', 'counterfactual_shift_heatmap', 'plot_history', 'genomap_explorer', 'GenomapLayout',
-           'fit_genomap']
+           'counterfactual_shifts', 'counterfactual_shift_heatmap', 'batch_effects_heatmap', 'batch_similarity_heatmap',
+           'plot_history', 'genomap_explorer', 'GenomapLayout', 'fit_genomap']
 
 # %% ../nbs/05_visualization.ipynb #6fd784d1
 def _new_figure(figsize) -> Figure:
@@ -330,6 +330,47 @@ def counterfactual_shift_heatmap(
     fig, (ax,) = _axes_for(ax, 1, (min(3 + 0.2 * len(top), 16), 1.4 + 0.28 * len(shifts)))
     _heatmap(ax, shifts[top], cmap=cmap, label="counterfactual − reference")
     ax.set(title=f"top {len(top)} shifted genes", xlabel="gene", ylabel="counterfactual batch")
+    return _finish(fig, save)
+
+# %% ../nbs/05_visualization.ipynb #f68ed370
+def batch_effects_heatmap(
+    effects: pd.DataFrame,  # tidy: batch, gene, effect (and group), e.g. from `SCMEDAL.get_batch_effects`
+    *,
+    group: str | None = None,  # the group to draw (may be left out when the table holds one group)
+    top_n: int = 30,  # genes with the largest root-mean-square effect over batches
+    cmap: str = "RdBu_r",  # diverging colour map, centred at 0
+    ax=None,  # Axes to draw into
+    save: str | Path | None = None,  # write the figure here
+) -> Figure:
+    "Heatmap batches × top genes of per-batch gene effects, for one group of cells."
+    groups = list(pd.unique(effects["group"])) if "group" in effects else [None]
+    if group is None and len(groups) > 1: raise ValueError(f"the table has several groups, pick one: group in {groups[:10]}")
+    group = groups[0] if group is None else group
+    if group not in groups: raise ValueError(f"no group {group!r} in the table; groups: {groups[:10]}")
+    part = effects if group is None else effects[effects["group"] == group]
+    wide = part.pivot(index="batch", columns="gene", values="effect")
+    top = np.sqrt((wide ** 2).mean()).sort_values(ascending=False).index[:top_n]
+    fig, (ax,) = _axes_for(ax, 1, (min(3 + 0.2 * len(top), 16), 1.4 + 0.28 * len(wide)))
+    _heatmap(ax, wide[top], cmap=cmap, label="effect (log-normalised units)")
+    ax.set(title=f"top {len(top)} genes moved by the batches" + (f" ({group})" if group else ""), xlabel="gene", ylabel="batch")
+    return _finish(fig, save)
+
+def batch_similarity_heatmap(
+    effects: pd.DataFrame,  # tidy: batch, gene, effect (and group), e.g. from `SCMEDAL.get_batch_effects`
+    *,
+    cmap: str = "viridis_r",  # colour map of the distances (dark = alike)
+    ax=None,  # Axes to draw into
+    save: str | Path | None = None,  # write the figure here
+) -> Figure:
+    "Batch × batch distances of the gene effects (`metrics.batch_distances`), ordered by hierarchical clustering."
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+    distances = batch_distances(effects)
+    order = leaves_list(linkage(squareform(distances.to_numpy(), checks=False), "average")) if len(distances) > 2 else np.arange(len(distances))
+    distances = distances.iloc[order, order]
+    fig, (ax,) = _axes_for(ax, 1, (2.5 + 0.3 * len(distances), 1.6 + 0.28 * len(distances)))
+    _heatmap(ax, distances, cmap=cmap, center=False, label="RMS difference of effects")
+    ax.set(title="batch similarity", xlabel="batch", ylabel="batch")
     return _finish(fig, save)
 
 # %% ../nbs/05_visualization.ipynb #8031fd84
