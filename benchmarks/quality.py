@@ -44,7 +44,7 @@ from scmedal.model import KINDS, SCMEDAL
 
 PEERS = {"X_pca": "PCA", "X_harmony": "Harmony", "X_scvi": "scVI", "X_scanvi": "scANVI"}
 NAMES = PEERS | {"X_ae": "AE", "X_aec": "AEC", "X_fe": "scMEDAL-FE", "X_fec": "scMEDAL-FEC", "X_re": "scMEDAL-RE",
-                 "X_mixed": "scMEDAL-mixed", "X_fe_paper": "scMEDAL-FE (paper preset)"}
+                 "X_fe_paper": "scMEDAL-FE (paper preset)"}
 AGGREGATES = ["Batch correction", "Bio conservation", "Total"]
 HAS_PRESETS = "preset" in inspect.signature(SCMEDAL.__init__).parameters
 

@@ -141,9 +141,11 @@ class EpochClock(L.Callback):
 
 # --- the three models: one training step (for the count), a fit, and the test cells' latent -------------------
 
-def scmedal_fit(kind, adata, split, *, max_epochs, lr, patience=None, callbacks=(), model=None, fast_paths=False, **trainer_kwargs):
-    "A SCMEDAL with the one network `kind`, the paper's AML architecture and loss weights, trained on the fold."
-    model = model or SCMEDAL(adata, models=(kind,), dataset="aml", seed=SEED, fast_paths=fast_paths)
+def scmedal_fit(kind, adata, split, *, max_epochs, lr, patience=None, callbacks=(), model=None, fast_paths=False, preset="default",
+                **trainer_kwargs):
+    "A SCMEDAL with the one network `kind` of `preset` (the paper's: with its AML loss weights), trained on the fold."
+    paper = dict(dataset="aml") if preset == "paper" else {}
+    model = model or SCMEDAL(adata, models=(kind,), preset=preset, seed=SEED, fast_paths=fast_paths, **paper)
     model.train(max_epochs=max_epochs, lr=lr, batch_size=BATCH_SIZE, train_indices=split["train"],
                 val_indices=split.get("val"), early_stopping=patience is not None, patience=patience or 0,
                 progress_bar=False, accelerator="cpu", callbacks=list(callbacks), **trainer_kwargs)
@@ -168,7 +170,7 @@ def fit(kind, adata, split, args, **kwargs):
     "Train model `kind` ('fe', 're' or 'scvi') on `split`: (model, facts)."
     if kind == "scvi": return scvi_fit(adata, split, max_epochs=args.max_epochs, **kwargs)
     return scmedal_fit(kind, adata, split, max_epochs=args.max_epochs, lr=args.lr, patience=args.patience,
-                       fast_paths=args.fast_paths, **kwargs)
+                       fast_paths=args.fast_paths, preset=args.preset, **kwargs)
 
 
 def latent(kind, model, adata):
@@ -182,7 +184,7 @@ def count_step(kind, adata, split, args):
     one_step = dict(max_epochs=1, limit_train_batches=1, limit_val_batches=0, num_sanity_val_steps=0)
     with MatmulRecorder() as recorder:
         if kind == "scvi": scvi_fit(adata, {"train": split["train"]}, **one_step)
-        else: scmedal_fit(kind, adata, {"train": split["train"]}, lr=args.lr, fast_paths=args.fast_paths, **one_step)
+        else: scmedal_fit(kind, adata, {"train": split["train"]}, lr=args.lr, fast_paths=args.fast_paths, preset=args.preset, **one_step)
     return recorder.calls
 
 
@@ -306,6 +308,8 @@ def main(argv=None):
     parser.add_argument("--max-epochs", type=int, default=500, help="upper limit for every model (the paper: 500)")
     parser.add_argument("--models", nargs="+", choices=list(NAMES), default=list(NAMES))
     parser.add_argument("--sim-epochs", type=int, default=10, help="epochs of FE and RE on the simulated data")
+    parser.add_argument("--preset", choices=["default", "paper"], default="default",
+                        help="scMEDAL's networks: the library's default, or the paper's (with its AML loss weights; earlier runs)")
     parser.add_argument("--fast-paths", action="store_true", help="train scMEDAL through its opt-in fused nodes (scmedal.fast_paths)")
     parser.add_argument("--quick", action="store_true", help="3 epochs per model: a smoke run of the script")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -313,7 +317,7 @@ def main(argv=None):
     if args.quick: args.max_epochs = args.sim_epochs = 3
     quiet()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads; FE/RE: lr {args.lr:g}, patience {args.patience}; "
+    print(f"torch {torch.__version__}, {args.threads} threads; scMEDAL preset {args.preset!r}; FE/RE: lr {args.lr:g}, patience {args.patience}; "
           f"at most {args.max_epochs} epochs; batch size {BATCH_SIZE}", flush=True)
     print(f"peak of one 2048 x 2048 matmul here: {peak_gflops():.0f} GFLOP/s", flush=True)
     results = []

@@ -334,9 +334,8 @@ def _parser():
     cf.add_argument("model", help="folder of a saved model (the `model/` of a run)")
     cf.add_argument("input", help=".h5ad with the model's genes and batch column, log-normalised (e.g. the run's adata.h5ad)")
     cf.add_argument("--to-batch", required=True, help="batch every cell is moved to")
-    cf.add_argument("--mode", choices=["fe", "full", "decoder", "mixed"],
-                    help="default: the model's (fe: the mixed-effects FE network); full/decoder: the paper's RE variants; "
-                         "mixed: the paper preset's mixed-effects decoder")
+    cf.add_argument("--mode", choices=["fe", "full", "decoder"],
+                    help="default: the model's (fe: the mixed-effects FE network); full/decoder: the paper's RE variants")
     cf.add_argument("--out", default="counterfactual.h5ad", help="output .h5ad file (default: counterfactual.h5ad)")
     return parser
 

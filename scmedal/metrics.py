@@ -217,7 +217,7 @@ def _predicted_changes(model, adata, source, target):
     batch = adata.obs[model.registry["batch_key"]].astype(str).to_numpy()
     contrast = lambda rec: rec[batch == target].mean(0) - rec[batch == source].mean(0)
     fe_moves = "fe" in model.modules and hasattr(model.modules["fe"], "counterfactual")  # the default preset's FE network
-    needs = {"fe": "fe" if fe_moves else None, "full": "re", "decoder": "re", "mixed": "mixed"}  # mode -> the network it runs
+    needs = {"fe": "fe" if fe_moves else None, "full": "re", "decoder": "re"}  # mode -> the network it runs
     changes = {f"counterfactual ({mode})": move(mode) for mode, kind in needs.items() if kind in model.modules}
     if "fe" in model.modules and not fe_moves: changes["FE counterfactual"] = np.zeros(adata.n_vars)  # the paper's FE: nothing moves
     return changes | {f"{kind.upper()} contrast": contrast(model.get_reconstruction(adata, kind=kind))

@@ -690,7 +690,7 @@ def test_train_refuses_bad_options(adata, kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(models=()), "at least one"), (dict(models=("fe", "fe")), "twice"), (dict(models=("mixed",), preset="paper"), "must include 'fe'"),
+    (dict(models=()), "at least one"), (dict(models=("fe", "fe")), "twice"),
     (dict(n_latent=0), "n_latent must be an integer >= 1, got 0"), (dict(n_hidden=()), "n_hidden must hold"),
     (dict(n_hidden=(32, 0)), "each of n_hidden must be"), (dict(dataset="foo", preset="paper"), "dataset must be None or one of"),
     (dict(dataset="aml"), "use it with preset='paper'"), (dict(preset="fast"), "preset must be one of"),
