@@ -12,6 +12,7 @@ import pandas as pd
 import scanpy as sc
 from anndata import AnnData
 from scipy import sparse, stats
+from scipy.spatial.distance import pdist, squareform
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, calinski_harabasz_score, davies_bouldin_score,
@@ -297,6 +298,5 @@ def batch_distances(
     keys = ["gene", "group"] if "group" in effects else ["gene"]
     wide = effects.pivot_table(index="batch", columns=keys, values="effect", observed=True)
     if wide.isna().any().any(): raise ValueError("every batch needs an effect for every gene (and group): the table has gaps")
-    E = wide.to_numpy()
-    distances = np.sqrt(np.maximum(((E[:, None, :] - E[None, :, :]) ** 2).mean(2), 0))
+    distances = squareform(pdist(wide.to_numpy())) / np.sqrt(wide.shape[1])  # Euclidean / sqrt(n): the root mean square
     return pd.DataFrame(distances, index=wide.index, columns=wide.index)

@@ -326,10 +326,15 @@ def counterfactual_shift_heatmap(
 ) -> Figure:
     "Heatmap batches × top genes of the mean counterfactual shift relative to a reference."
     shifts = counterfactual_shifts(counterfactuals, reference, gene_names=gene_names, batch_names=batch_names, cells=cells)
-    top = np.sqrt((shifts ** 2).mean()).sort_values(ascending=False).index[:top_n]
-    fig, (ax,) = _axes_for(ax, 1, (min(3 + 0.2 * len(top), 16), 1.4 + 0.28 * len(shifts)))
-    _heatmap(ax, shifts[top], cmap=cmap, label="counterfactual − reference")
-    ax.set(title=f"top {len(top)} shifted genes", xlabel="gene", ylabel="counterfactual batch")
+    return _top_genes_heatmap(shifts, top_n=top_n, cmap=cmap, label="counterfactual − reference", title="shifted genes",
+                              ylabel="counterfactual batch", ax=ax, save=save)
+
+def _top_genes_heatmap(frame, *, top_n, cmap, label, title, ylabel, ax, save) -> Figure:
+    "Heatmap of `frame` (batches × genes) restricted to the `top_n` genes of largest root-mean-square value over batches."
+    top = np.sqrt((frame ** 2).mean()).sort_values(ascending=False).index[:top_n]
+    fig, (ax,) = _axes_for(ax, 1, (min(3 + 0.2 * len(top), 16), 1.4 + 0.28 * len(frame)))
+    _heatmap(ax, frame[top], cmap=cmap, label=label)
+    ax.set(title=f"top {len(top)} {title}", xlabel="gene", ylabel=ylabel)
     return _finish(fig, save)
 
 # %% ../nbs/05_visualization.ipynb #f68ed370
@@ -348,12 +353,9 @@ def batch_effects_heatmap(
     group = groups[0] if group is None else group
     if group not in groups: raise ValueError(f"no group {group!r} in the table; groups: {groups[:10]}")
     part = effects if group is None else effects[effects["group"] == group]
-    wide = part.pivot(index="batch", columns="gene", values="effect")
-    top = np.sqrt((wide ** 2).mean()).sort_values(ascending=False).index[:top_n]
-    fig, (ax,) = _axes_for(ax, 1, (min(3 + 0.2 * len(top), 16), 1.4 + 0.28 * len(wide)))
-    _heatmap(ax, wide[top], cmap=cmap, label="effect (log-normalised units)")
-    ax.set(title=f"top {len(top)} genes moved by the batches" + (f" ({group})" if group else ""), xlabel="gene", ylabel="batch")
-    return _finish(fig, save)
+    return _top_genes_heatmap(part.pivot(index="batch", columns="gene", values="effect"), top_n=top_n, cmap=cmap,
+                              label="effect (log-normalised units)", ylabel="batch", ax=ax, save=save,
+                              title="genes moved by the batches" + (f" ({group})" if group else ""))
 
 def batch_similarity_heatmap(
     effects: pd.DataFrame,  # tidy: batch, gene, effect (and group), e.g. from `SCMEDAL.get_batch_effects`
