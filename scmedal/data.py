@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['MIN_SPAN', 'check_int', 'check_positive', 'check_choice', 'simulate', 'simulated_log_expression', 'check_matrix',
            'preprocess', 'fit_scaling', 'apply_scaling', 'scale_stored_values', 'invert_scaling', 'obs_categories',
-           'encode', 'setup_anndata', 'get_registry', 'kfold_splits', 'as_indices', 'AnnDataRows', 'EpochShuffle',
-           'SCMEDALDataModule']
+           'encode', 'setup_anndata', 'get_registry', 'kfold_splits', 'batch_level_labels', 'heldout_batch_splits',
+           'as_indices', 'AnnDataRows', 'EpochShuffle', 'SCMEDALDataModule']
 
 # %% ../nbs/00_data.ipynb #63478c08
 import warnings
@@ -378,6 +378,48 @@ def kfold_splits(
         folds = [np.sort(order[test]) for _, test in folder.split(order, strata.values[order])]
     return [dict(train=np.sort(np.concatenate([folds[j] for j in range(n_splits) if j not in (k, (k + 1) % n_splits)])),
                  val=folds[(k + 1) % n_splits], test=folds[k]) for k in range(n_splits)]
+
+# %% ../nbs/00_data.ipynb #f9fe89fb
+def batch_level_labels(adata: ad.AnnData, # AnnData with both columns in obs
+                       batch_key: str, # batch column
+                       key: str, # a column that should be constant within each batch
+                      ) -> pd.Series: # one value per batch, indexed by batch
+    "The value of `key` in each batch, refusing a column that varies within a batch."
+    for column in (batch_key, key): obs_categories(adata, column)
+    values = adata.obs[key].astype(str).groupby(adata.obs[batch_key].astype(str).to_numpy())
+    mixed = values.nunique()[lambda n: n > 1]
+    if len(mixed): raise ValueError(f"'{key}' varies within batch {mixed.index[0]!r}: holding batches out by '{key}' needs a batch-level label")
+    return values.first()
+
+def heldout_batch_splits(
+    adata: ad.AnnData,  # AnnData with the batch (and stratification) columns in obs
+    *,
+    batch_key: str,  # batch column: whole batches are held out
+    stratify_key: str | None = None,  # a batch-level label (e.g. disease) whose proportions every test group keeps
+    n_splits: int = 3,  # number of folds (groups of held-out batches)
+    val_fraction: float = 0.2,  # fraction of the other batches' cells used for validation
+    seed: int = 42,  # seed of the shuffles
+) -> list[dict]:  # per fold: {"train", "val", "test"} integer index arrays
+    "Folds that test on batches never seen in training: test = every cell of a group of batches, train / val = the others' cells."
+    n_splits = check_int(n_splits, "n_splits", minimum=2)
+    if not 0 < val_fraction < 1: raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    batches = pd.Series(obs_categories(adata, batch_key))
+    strata = batch_level_labels(adata, batch_key, stratify_key)[batches].to_numpy() if stratify_key else np.zeros(len(batches))
+    fewest = pd.Series(strata).value_counts()
+    if fewest.min() < n_splits:
+        what = f"{stratify_key} {fewest.idxmin()!r} has {fewest.min()} batches" if stratify_key else f"there are {len(batches)} batches"
+        raise ValueError(f"{what}; {n_splits} folds of held-out batches need at least {n_splits}: lower n_splits")
+    cell_batch, rng = adata.obs[batch_key].astype(str).to_numpy(), np.random.RandomState(seed)
+    folds = []
+    for _, held in StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(batches, strata):
+        test = np.isin(cell_batch, batches[held])
+        others = rng.permutation(np.flatnonzero(~test))
+        val = np.zeros(adata.n_obs, bool)
+        for b in np.unique(cell_batch[others]):  # the same validation fraction of every training batch
+            cells = others[cell_batch[others] == b]
+            val[cells[:int(round(val_fraction * len(cells)))]] = True
+        folds.append(dict(train=np.flatnonzero(~test & ~val), val=np.flatnonzero(val), test=np.flatnonzero(test)))
+    return folds
 
 # %% ../nbs/00_data.ipynb #8a8d03f3
 def as_indices(cells, # integer positions, a boolean mask over all cells, or obs names

@@ -248,6 +248,12 @@ def _ceiling(r_half):
     "The r of a noise-free prediction against an effect whose two half-sample estimates correlate at `r_half`."
     return np.sqrt(2 * r_half / (1 + r_half)) if r_half > 0 else 0.0
 
+def _cell_mask(cells, obs_names, name):
+    "A boolean mask over all cells of the cells given (positions, mask or names; every cell when None)."
+    mask = np.zeros(len(obs_names), bool)
+    mask[np.arange(len(obs_names)) if cells is None else as_indices(cells, obs_names, name=name)] = True
+    return mask
+
 def _mean(X, mask):
     "Mean row of `X` over the cells in `mask`."
     return np.asarray(X[np.flatnonzero(mask)].mean(0)).ravel()
@@ -259,16 +265,17 @@ def counterfactual_agreement(
     batch_key: str,  # obs column with the batches
     group_key: str,  # obs column with the groups compared across batches (e.g. cell type)
     cells=None,  # cells whose counterfactuals are scored (e.g. test cells; default all); observed effects use every cell
+    pooled_cells=None,  # cells the pooled shift averages (default all; e.g. the training cells when some are held out)
     min_cells: int = 30,  # smallest group × batch size compared (among `cells` for the source, all cells for the target)
     seed: int = 0,  # seed of the split-half ceiling
 ) -> pd.DataFrame:  # one row per group, source, target: n_source, n_target, r, R2, pooled_r, pooled_R2, ceiling_r
     "Predicted against observed batch effects per group and batch pair, next to the pooled shift and the split-half ceiling."
     check_int(min_cells, "min_cells")
-    scored = np.zeros(adata.n_obs, bool); scored[as_indices(np.arange(adata.n_obs) if cells is None else cells, adata.obs_names, name="cells")] = True
+    scored, in_pool = _cell_mask(cells, adata.obs_names, "cells"), _cell_mask(pooled_cells, adata.obs_names, "pooled_cells")
     batch, group = (adata.obs[k].astype(str).to_numpy() for k in (batch_key, group_key))
     halves, rows = np.random.default_rng(seed).random(adata.n_obs) < 0.5, []
     batches = obs_categories(adata, batch_key)
-    batch_means = {b: _mean(adata.X, batch == b) for b in batches}
+    batch_means = {b: _mean(adata.X, (batch == b) & in_pool) for b in batches}
     for g in obs_categories(adata, group_key):
         for s in batches:
             source, in_source = (group == g) & (batch == s) & scored, (group == g) & (batch == s)
