@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['MIN_SPAN', 'check_int', 'check_positive', 'check_choice', 'simulate', 'simulated_log_expression', 'check_matrix',
-           'preprocess', 'fit_scaling', 'apply_scaling', 'scale_stored_values', 'invert_scaling', 'obs_categories',
-           'encode', 'setup_anndata', 'get_registry', 'kfold_splits', 'batch_level_labels', 'heldout_batch_splits',
-           'as_indices', 'AnnDataRows', 'EpochShuffle', 'SCMEDALDataModule']
+           'preprocess', 'normalized_totals', 'fit_scaling', 'apply_scaling', 'scale_stored_values', 'invert_scaling',
+           'obs_categories', 'encode', 'setup_anndata', 'get_registry', 'kfold_splits', 'batch_level_labels',
+           'heldout_batch_splits', 'as_indices', 'AnnDataRows', 'EpochShuffle', 'SCMEDALDataModule']
 
 # %% ../nbs/00_data.ipynb #63478c08
 import warnings
@@ -238,6 +238,16 @@ def _select_hvgs(adata, n_top_genes):
         return
     sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, subset=True)
 
+# %% ../nbs/00_data.ipynb #a6055847
+def normalized_totals(
+    adata: ad.AnnData,  # log-normalised cells × genes
+    layer: str | None = None,  # read this layer instead of X
+) -> np.ndarray:  # (cells,) Σ_g expm1(x_g), float64
+    "Each cell's total of normalised expression over the genes in `adata` (the inverse of log1p)."
+    return np.concatenate([np.asarray(_expm1(block).sum(1), dtype=np.float64).ravel() for block in _row_blocks(_matrix(adata, layer))])
+
+def _expm1(block): return block.expm1() if sparse.issparse(block) else np.expm1(np.asarray(block, dtype=np.float64))
+
 # %% ../nbs/00_data.ipynb #3dfd775e
 def fit_scaling(
     X,  # cells × genes log-expression (dense, sparse, or backed on disk)
@@ -326,18 +336,21 @@ def setup_anndata(
     labels_key: str | None = None,  # obs column with cell types (optional)
     condition_key: str | None = None,  # obs column with a sample-level target, e.g. disease (optional)
     layer: str | None = None,  # read expression from this layer instead of X
+    counts_layer: str | None = "auto",  # layer of raw counts for the count likelihood; 'auto': 'counts' if present (`preprocess` keeps it)
 ) -> dict:  # the registry, also stored in adata.uns["scmedal"]
     "Validate `adata` for scMEDAL and record the batch/label/condition encodings in `adata.uns['scmedal']`."
     name = "X" if layer is None else f"layers['{layer}']"
     if check_matrix(_matrix(adata, layer), name=name):
         warnings.warn(f"{name} holds only whole numbers, like raw counts; scMEDAL models log-normalised expression "
                       f"(see `preprocess`)", stacklevel=2)
+    if counts_layer == "auto": counts_layer = "counts" if "counts" in adata.layers else None
+    if counts_layer is not None: check_matrix(_matrix(adata, counts_layer), name=f"layers['{counts_layer}']", counts=True)
     batches = obs_categories(adata, batch_key)
     if len(batches) < 2: raise ValueError(f"adata.obs['{batch_key}'] has only one batch ({batches[0]!r}); scMEDAL models differences between at least two")
     sizes = adata.obs[batch_key].astype(str).value_counts()
     small = sizes[sizes < 2]
     if len(small): raise ValueError(f"batches with fewer than 2 cells in adata.obs['{batch_key}']: {small.astype(int).to_dict()}")
-    registry = dict(batch_key=batch_key, batch_categories=batches, layer=layer,
+    registry = dict(batch_key=batch_key, batch_categories=batches, layer=layer, counts_layer=counts_layer,
                     labels_key=labels_key, label_categories=None if labels_key is None else obs_categories(adata, labels_key),
                     condition_key=condition_key, condition_categories=None if condition_key is None else obs_categories(adata, condition_key))
     adata.uns["scmedal"] = registry
@@ -447,7 +460,7 @@ def as_indices(cells, # integer positions, a boolean mask over all cells, or obs
 
 # %% ../nbs/00_data.ipynb #107a4eec
 class AnnDataRows(torch.utils.data.Dataset):
-    "Rows of an AnnData as `{x, batch_index, label}` dicts, read a minibatch at a time."
+    "Rows of an AnnData as `{x, batch_index, label}` dicts (and `counts` if registered), read a minibatch at a time."
     def __init__(self,
                  adata: ad.AnnData,  # registered AnnData (see `setup_anndata`)
                  indices,  # cell indices this dataset serves
@@ -455,6 +468,8 @@ class AnnDataRows(torch.utils.data.Dataset):
                  registry: dict | None = None):  # encodings; default adata.uns["scmedal"]
         registry = registry or get_registry(adata)
         self.X = _matrix(adata, registry["layer"])
+        counts_layer = registry.get("counts_layer")  # registries saved before counts were registered have none
+        self.counts = None if counts_layer is None else _matrix(adata, counts_layer)
         self.indices, self.scaling = np.asarray(indices, dtype=np.int64), scaling
         self.zeros_stay_zero = bool(np.all(scaling["min"] == 0))  # then sparse rows are scaled before densifying
         self.batch_index = torch.from_numpy(encode(adata, registry["batch_key"], registry["batch_categories"]))
@@ -467,14 +482,15 @@ class AnnDataRows(torch.utils.data.Dataset):
     def __getitems__(self, positions):
         "One sorted sparse row read for the whole minibatch, returned in the requested order."
         rows = self.indices[np.asarray(positions)]
-        order = np.argsort(rows, kind="stable")
-        x = self.X[rows[order]][np.argsort(order)]  # reordered while still sparse: cheaper than dense rows
+        x = _rows_in_order(self.X, rows)
         if sparse.issparse(x) and x.format == "csr" and self.zeros_stay_zero:  # a copy of the user's rows, ours to scale
             x = scale_stored_values(x, self.scaling).toarray()
         else:
             x = x.toarray() if sparse.issparse(x) else np.asarray(x)  # a copy of the user's rows, ours to scale in place
             x = apply_scaling(x, self.scaling, inplace=True)
-        return dict(x=torch.from_numpy(x), batch_index=self.batch_index[rows], label=self.label[rows])
+        batch = dict(x=torch.from_numpy(x), batch_index=self.batch_index[rows], label=self.label[rows])
+        if self.counts is not None: batch["counts"] = torch.from_numpy(_dense_rows(self.counts, rows))
+        return batch
 
     def loader(self,
                batch_size: int,  # cells per minibatch
@@ -483,6 +499,16 @@ class AnnDataRows(torch.utils.data.Dataset):
         return torch.utils.data.DataLoader(self, batch_size=batch_size, collate_fn=_identity, **kwargs)
 
 def _identity(batch): return batch
+
+def _rows_in_order(X, rows: np.ndarray):
+    "Rows of X in the order given, read in one sorted slice and reordered while still sparse (cheaper than dense rows)."
+    order = np.argsort(rows, kind="stable")
+    return X[rows[order]][np.argsort(order)]
+
+def _dense_rows(X, rows: np.ndarray) -> np.ndarray:
+    "Rows of X in the order given, as a dense float32 array."
+    x = _rows_in_order(X, rows)
+    return (x.toarray() if sparse.issparse(x) else np.asarray(x)).astype(np.float32, copy=False)
 
 # %% ../nbs/00_data.ipynb #a80f22ff
 class EpochShuffle(torch.utils.data.Sampler):

@@ -28,7 +28,7 @@ from fastcore.basics import patch
 from . import data
 from .fixed_effects import AdversarialTrainingPlan, FixedEffectsModule, TrainingPlan, quiet_trainer
 from .fast_paths import use_fast_paths
-from .mixed_effects import MixedEffectsAutoencoder, MixedEffectsTrainingPlan
+from .mixed_effects import MixedEffectsAutoencoder, MixedEffectsTrainingPlan, log_normalized
 from .random_effects import RandomEffectsModule
 
 # %% ../nbs/03_mixed_model.ipynb #1e6a592e
@@ -42,6 +42,7 @@ class ModelKind:
     options: dict = field(default_factory=dict)  # fixed constructor options of the module for this kind
     needs_labels: bool = False  # it predicts cell types (needs a registered labels_key)
     batch_free_latent: bool = False  # its latent does not depend on the batch, even though its decoder reads it
+    reads_counts: bool = False  # it models the raw counts when the registry has a counts layer (else a Gaussian on X)
     lr: float = 1e-4  # Adam learning rate that `train` uses by default
     max_epochs: int = 500  # epochs that `train` runs by default (fewer with early stopping)
     min_steps: int = 0  # minibatch steps before early stopping may end training
@@ -61,8 +62,8 @@ PAPER_LOSS_WEIGHTS = {  # the authors' per-dataset changes to the fallback weigh
     "asd": {"fe": dict(w_recon=2000.0), "re": dict(w_latent_batch=0.4)},
     "hh": {"fe": dict(w_recon=600.0)},
 }
-MIXED_EFFECTS_FE = ModelKind(MixedEffectsAutoencoder, MixedEffectsTrainingPlan, True, dict(kl_weight=0.03, w_adv=10.0),
-                             batch_free_latent=True, lr=3e-4, max_epochs=60, min_steps=2000, max_steps=4000)
+MIXED_EFFECTS_FE = ModelKind(MixedEffectsAutoencoder, MixedEffectsTrainingPlan, True, dict(w_adv=10.0),
+                             batch_free_latent=True, reads_counts=True, lr=3e-4, max_epochs=60, min_steps=2000, max_steps=4000)
 
 @dataclass(frozen=True)
 class Preset:
@@ -169,11 +170,14 @@ def _checked_init_params(models, n_hidden, n_latent, dataset, scaling, seed, mod
 def _build_modules(registry, n_genes, params):
     "One module per model kind in `params['models']`, sized by the registry's batches and labels."
     n_labels = len(registry["label_categories"]) if registry["labels_key"] else None
+    likelihood = "gaussian" if registry.get("counts_layer") is None else "nb"  # registries saved before counts had none
     modules = {}
     for kind in params["models"]:
+        options = params["module_kwargs"].get(kind, {})
+        if model_kind(kind, params["preset"]).reads_counts: options = dict(likelihood=likelihood) | options
         modules[kind] = build_module(kind, n_genes, len(registry["batch_categories"]), n_labels,
                                      fast_paths=params["fast_paths"], preset=params["preset"], n_hidden=params["n_hidden"],
-                                     n_latent=params["n_latent"], **params["module_kwargs"].get(kind, {}))
+                                     n_latent=params["n_latent"], **options)
     return modules
 
 class SCMEDAL:
@@ -345,7 +349,7 @@ def _rows(self: SCMEDAL, adata, batch_size):
     "Inference minibatches over every cell of `adata`, scaled like the training data."
     if not self.is_trained: raise RuntimeError("the model is not trained yet: call model.train() or SCMEDAL.load()")
     data.check_int(batch_size, "batch_size")
-    rows = data.AnnDataRows(adata, np.arange(adata.n_obs), self.scaling, dict(self.registry, labels_key=None))
+    rows = data.AnnDataRows(adata, np.arange(adata.n_obs), self.scaling, dict(self.registry, labels_key=None, counts_layer=None))  # inference reads no counts
     untrained = [code for code, b in enumerate(self.registry["batch_categories"]) if b not in self.trained_batches]
     rows.batch_index[torch.isin(rows.batch_index, torch.tensor(untrained, dtype=torch.int64))] = -1  # as unseen: the prior mean
     layer = self.registry["layer"]
@@ -371,9 +375,13 @@ def _map(self: SCMEDAL, adata, fn, batch_size):
     return torch.cat([fn(b) for b in self._rows(adata, batch_size)]).numpy()
 
 @patch
-def _unscale(self: SCMEDAL, x):
-    "Network output back to log-normalised expression."
-    return data.invert_scaling(x, self.scaling)
+def _expression(self: SCMEDAL, out: np.ndarray, adata: ad.AnnData, kind: str, scaled: bool) -> np.ndarray:
+    "A network's outputs for the cells of `adata` as log-normalised expression, or min-max scaled like the input."
+    if getattr(self._module(kind), "likelihood", "gaussian") == "gaussian":
+        return out if scaled else data.invert_scaling(out, self.scaling)
+    totals = torch.from_numpy(data.normalized_totals(adata, self.registry["layer"]).astype(np.float32))
+    log = log_normalized(torch.from_numpy(out), totals).numpy()  # the shares ρ of the count likelihood, in log units
+    return data.apply_scaling(log, self.scaling, inplace=True) if scaled else log
 
 # %% ../nbs/03_mixed_model.ipynb #b13f064e
 @patch
@@ -399,7 +407,7 @@ def get_reconstruction(self: SCMEDAL,
     adata, module = self._aligned(adata), self._module(kind)
     if self.preset.kinds[kind].reads_batch: self._warn_unseen(adata)
     out = self._map(adata, lambda b: module(b["x"], b["batch_index"])["x_hat"], batch_size)
-    return out if scaled else self._unscale(out)
+    return self._expression(out, adata, kind, scaled)
 
 
 @patch
@@ -450,11 +458,9 @@ def get_counterfactual(self: SCMEDAL,
     options = dict(decoder_only=mode == "decoder") if network == "re" else {}
     cf = lambda b: module.counterfactual(b["x"], b["batch_index"], code, **options)
     if not n_samples:
-        out = self._map(adata, cf, batch_size)
-        return out if scaled else self._unscale(out)
+        return self._expression(self._map(adata, cf, batch_size), adata, network, scaled)
     with posterior_sampling(module), seeded(self.init_params["seed"]):  # the same draws every call
-        draws = np.stack([self._map(adata, cf, batch_size) for _ in range(n_samples)])
-    draws = draws if scaled else self._unscale(draws)
+        draws = np.stack([self._expression(self._map(adata, cf, batch_size), adata, network, scaled) for _ in range(n_samples)])
     return draws.mean(0), draws.std(0, ddof=1)
 
 # %% ../nbs/03_mixed_model.ipynb #38ecd328
