@@ -183,7 +183,7 @@ def run(
     *,
     epochs: int = 30,  # epochs per network
     n_hidden: tuple = (512, 132),  # hidden widths
-    n_latent: int = 50,  # latent width
+    n_latent: int | None = None,  # latent width (default: each network's)
     batch_size: int | None = None,  # cells per minibatch (default: the model's)
     lr: float | None = None,  # Adam learning rate (default: each network's)
     seed: int = 0,  # seed of everything

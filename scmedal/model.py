@@ -43,6 +43,7 @@ class ModelKind:
     needs_labels: bool = False  # it predicts cell types (needs a registered labels_key)
     batch_free_latent: bool = False  # its latent does not depend on the batch, even though its decoder reads it
     reads_counts: bool = False  # it models the raw counts when the registry has a counts layer (else a Gaussian on X)
+    n_latent: int = 50  # latent width when the user sets none
     lr: float = 1e-4  # Adam learning rate that `train` uses by default
     max_epochs: int = 500  # epochs that `train` runs by default (fewer with early stopping)
     min_steps: int = 0  # minibatch steps before early stopping may end training
@@ -63,7 +64,7 @@ PAPER_LOSS_WEIGHTS = {  # the authors' per-dataset changes to the fallback weigh
     "hh": {"fe": dict(w_recon=600.0)},
 }
 MIXED_EFFECTS_FE = ModelKind(MixedEffectsAutoencoder, MixedEffectsTrainingPlan, True, dict(w_adv=10.0),
-                             batch_free_latent=True, reads_counts=True, lr=3e-4, max_epochs=60, min_steps=2000, max_steps=4000)
+                             batch_free_latent=True, reads_counts=True, n_latent=10, lr=3e-4, max_epochs=60, min_steps=2000, max_steps=4000)
 
 @dataclass(frozen=True)
 class Preset:
@@ -161,7 +162,7 @@ def _checked_init_params(models, n_hidden, n_latent, dataset, scaling, seed, mod
     for kind in models: loss_weights(kind, dataset, preset)  # an unknown dataset fails here, not after the first model trained
     unknown = set(module_kwargs) - set(models)
     if unknown: raise ValueError(f"module_kwargs has options for models that are not built: {sorted(unknown)}")
-    return dict(models=models, n_hidden=n_hidden, n_latent=data.check_int(n_latent, "n_latent"), dataset=dataset,
+    return dict(models=models, n_hidden=n_hidden, n_latent=n_latent if n_latent is None else data.check_int(n_latent, "n_latent"), dataset=dataset,
                 scaling=data.check_choice(scaling, "scaling", ("global", "gene")),
                 seed=data.check_int(seed, "seed", minimum=0), module_kwargs=module_kwargs,
                 fast_paths=data.check_choice(fast_paths, "fast_paths", (True, False)), preset=preset)
@@ -173,11 +174,11 @@ def _build_modules(registry, n_genes, params):
     likelihood = "gaussian" if registry.get("counts_layer") is None else "nb"  # registries saved before counts had none
     modules = {}
     for kind in params["models"]:
-        options = params["module_kwargs"].get(kind, {})
-        if model_kind(kind, params["preset"]).reads_counts: options = dict(likelihood=likelihood) | options
+        spec, options = model_kind(kind, params["preset"]), params["module_kwargs"].get(kind, {})
+        if spec.reads_counts: options = dict(likelihood=likelihood) | options
         modules[kind] = build_module(kind, n_genes, len(registry["batch_categories"]), n_labels,
                                      fast_paths=params["fast_paths"], preset=params["preset"], n_hidden=params["n_hidden"],
-                                     n_latent=params["n_latent"], **options)
+                                     n_latent=params["n_latent"] or spec.n_latent, **options)
     return modules
 
 class SCMEDAL:
@@ -189,7 +190,7 @@ class SCMEDAL:
                  *,
                  models: tuple = ("fe", "re"),  # which networks to train (the model names of the preset)
                  n_hidden: tuple = (512, 132),  # hidden widths
-                 n_latent: int = 50,  # latent width
+                 n_latent: int | None = None,  # latent width (default: each network's, 10 for the default FE, 50 for RE and the paper's)
                  preset: str = "default",  # 'default', or 'paper' for the paper's networks and training (see `PRESETS`)
                  dataset: str | None = None,  # 'aml', 'asd' or 'hh' for the paper's tuned loss weights (preset 'paper')
                  scaling: str = "global",  # network-input scaling: 'global' (paper) or 'gene'
