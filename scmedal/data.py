@@ -329,6 +329,14 @@ def encode(
     return pd.Categorical(adata.obs[key].astype(str).where(adata.obs[key].notna()), categories=categories).codes.astype(np.int64)
 
 # %% ../nbs/00_data.ipynb #238f09d0
+def _raw_counts_layer(adata, name):
+    "`name` if adata has that layer and it holds whole numbers (raw counts), else None, with a warning when it is not counts."
+    if name not in adata.layers: return None
+    if check_matrix(adata.layers[name], name=f"layers['{name}']"): return name
+    warnings.warn(f"layers['{name}'] holds non-integer values, so it is not used as raw counts (the count likelihood needs them); "
+                  f"pass counts_layer= a layer of raw counts, or counts_layer=None to silence this", stacklevel=3)
+    return None
+
 def setup_anndata(
     adata: ad.AnnData,  # cells × genes, log-normalised (see `preprocess`)
     *,
@@ -343,8 +351,8 @@ def setup_anndata(
     if check_matrix(_matrix(adata, layer), name=name):
         warnings.warn(f"{name} holds only whole numbers, like raw counts; scMEDAL models log-normalised expression "
                       f"(see `preprocess`)", stacklevel=2)
-    if counts_layer == "auto": counts_layer = "counts" if "counts" in adata.layers else None
-    if counts_layer is not None: check_matrix(_matrix(adata, counts_layer), name=f"layers['{counts_layer}']", counts=True)
+    if counts_layer == "auto": counts_layer = _raw_counts_layer(adata, "counts")
+    elif counts_layer is not None: check_matrix(_matrix(adata, counts_layer), name=f"layers['{counts_layer}']", counts=True)
     batches = obs_categories(adata, batch_key)
     if len(batches) < 2: raise ValueError(f"adata.obs['{batch_key}'] has only one batch ({batches[0]!r}); scMEDAL models differences between at least two")
     sizes = adata.obs[batch_key].astype(str).value_counts()
