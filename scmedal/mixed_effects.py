@@ -77,7 +77,6 @@ def log_normalized(proportions: Tensor, # (n, G) each gene's share of a cell's c
     "Expression proportions in log-normalised units, on the scale of the input."
     return torch.log1p(proportions * totals[:, None])
 
-
 # %% ../nbs/02b_mixed_effects.ipynb #c5e07b9d
 def gaussian_kl_to_standard(mean: Tensor, log_var: Tensor) -> Tensor: # (n,) KL per cell
     "KL( N(mean, exp(log_var)) || N(0, I) ), summed over the latent dimensions."
