@@ -7,18 +7,21 @@ own), one after the other, and the script prints per model:
 * steady-state training speed: cells/s of the training part of an epoch (validation excluded), median over the
   epochs after the first;
 * achieved GFLOP/s: 2 x multiply-adds per training cell x cells/s. The multiply-adds are *counted*, not
-  estimated: every matrix multiply (aten mm/addmm/bmm/baddbmm) that one training step of 512 cells runs,
-  forward and backward, is recorded with its shapes (a TorchDispatchMode), and m x k x n is summed;
+  estimated: every matrix multiply (aten mm/addmm/bmm/baddbmm) that one training step runs (a minibatch of the
+  preset's size for scMEDAL, 512 cells for scVI), forward and backward, is recorded with its shapes (a
+  TorchDispatchMode), and m x k x n is summed;
 * the matmul ceiling: the same recorded matrix multiplies (same shapes and memory layouts), replayed back to
   back with nothing else in between, in the same process with the same threads (best of several passes, measured
   before and after the training; the higher is used). The ratio achieved / ceiling says how much of the
   machine's matmul speed on these shapes the training loop keeps; the rest goes to elementwise work
   (BatchNorm, SELU, random effects, softmax, likelihood), data loading and framework overhead;
 * the time to a converged model: wall seconds of the whole fit (validation included) with early stopping, the
-  epochs run and the best validation epoch. FE and RE stop on the validation reconstruction loss of the fold's
-  validation cells (`SCMEDAL.train(early_stopping=True, patience=...)`); scVI stops as scvi-tools does by
+  epochs run and the best validation epoch. FE and RE are trained as a user would, `SCMEDAL.train` with the
+  library's defaults (learning rate, minibatch, epochs and step limits, early stopping on the validation
+  reconstruction loss of the fold's validation cells); `--lr`, `--patience`, `--max-epochs` override them. scVI
+  (minibatch 512, at most 500 epochs: the paper's settings) stops as scvi-tools does by
   default (`early_stopping=True`: validation ELBO on its own 10 % of the training cells, every epoch, patience
-  45). Neither restores the best weights: both keep the last ones;
+  45). scMEDAL keeps the weights of its best validation epoch (its default), scVI the last ones;
 * peak RSS of the model's process (data, model, training, scoring);
 * a quality check that the stopping rule does not cost quality: batch ASW and cell-type ASW of each latent on
   the fold's test cells (`scmedal.metrics.clustering_scores`), next to the paper's 5-fold means.
@@ -28,19 +31,10 @@ cells, the 2,916 most variable of 5,832 genes, 14 batches, preprocessed like the
 training and test sizes), trained for a fixed number of epochs (`--sim-epochs`, no validation), so that the speed
 can be checked without the AML file and compared between real and simulated sparsity.
 
-What the count finds per cell (forward multiply-adds; G = 2,916 genes, B = 14 batches), for reference:
-  FE: encoder G·512 + 512·132 + 132·50 = 1.567 M, tied decoder the same, adversary on all activations
-      (512 + 132 + 50)·512 + 512·132 + 132·B = 0.425 M, run twice per step (adversary step, autoencoder step).
-      Backward: every weight gradient (m·k·n again) plus every input gradient except the first layer's (x needs
-      none); the adversary step needs no input gradients of its first layer (detached activations), the
-      autoencoder step no adversary weight gradients (frozen): 9.68 M per cell per step.
-  RE: the same encoder, an untied decoder of the same shapes, a 50-5-B latent classifier: 3.13 M forward,
-      3 x that - G·512 = 7.91 M per step.
-  scVI: encoder G·132 + 132·132 + 2·132·50 (mean, variance) = 0.416 M, decoder (50 + B)·132 + (132 + B)·132
-      + 2·132·G (scale, dropout) = 0.797 M (the library encoder is not run with observed library sizes, the
-      dispersion is a parameter): 1.21 M forward, 3 x that - G·132 = 3.25 M per step.
+The count is per cell and step, forward and backward; the default FE (encoder, batch-conditional decoder,
+adversary stepped twice) and RE (encoder, decoder, latent classifier) each print theirs.
 
-    python benchmarks/speed.py [--threads N] [--lr 1e-3] [--patience 10] [--max-epochs 500] [--models fe re scvi]
+    python benchmarks/speed.py [--threads N] [--lr LR] [--patience P] [--max-epochs E] [--models fe re scvi]
         [--sim-epochs 10] [--quick] [--out speed.json]
 
 `--quick` trains every model for 3 epochs (about 3 minutes): a smoke run of the script, not a measurement.
@@ -67,9 +61,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scmedal import data, datasets, metrics, peers
-from scmedal.model import SCMEDAL
+from scmedal.model import PRESETS, SCMEDAL
 
-BATCH_SIZE, SEED, BATCH_KEY, LABELS_KEY = 512, 0, "patient", "cell_type"
+SCVI_BATCH_SIZE, SEED, BATCH_KEY, LABELS_KEY = 512, 0, "patient", "cell_type"
 NAMES = {"fe": "scMEDAL-FE", "re": "scMEDAL-RE", "scvi": "scVI"}
 PAPER_ASW = {"fe": (-0.04, 0.05), "re": (0.69, -0.07), "scvi": (-0.24, 0.03)}  # the paper's AML 5-fold means (Figures 4 and 8): batch, cell-type ASW
 aten = torch.ops.aten
@@ -141,14 +135,19 @@ class EpochClock(L.Callback):
 
 # --- the three models: one training step (for the count), a fit, and the test cells' latent -------------------
 
-def scmedal_fit(kind, adata, split, *, max_epochs, lr, patience=None, callbacks=(), model=None, fast_paths=False, preset="default",
-                **trainer_kwargs):
-    "A SCMEDAL with the one network `kind` of `preset` (the paper's: with its AML loss weights), trained on the fold."
+def minibatch_size(kind, preset):
+    "Cells per training step: the scMEDAL preset's, or 512 for scVI (the paper's setting)."
+    return SCVI_BATCH_SIZE if kind == "scvi" else PRESETS[preset].batch_size
+
+
+def scmedal_fit(kind, adata, split, *, max_epochs=None, lr=None, patience=None, callbacks=(), model=None, fast_paths=False,
+                preset="default", **trainer_kwargs):
+    "A SCMEDAL with the one network `kind` of `preset` (the paper's: with its AML loss weights), trained on the fold with the library's defaults unless set."
     paper = dict(dataset="aml") if preset == "paper" else {}
     model = model or SCMEDAL(adata, models=(kind,), preset=preset, seed=SEED, fast_paths=fast_paths, **paper)
-    model.train(max_epochs=max_epochs, lr=lr, batch_size=BATCH_SIZE, train_indices=split["train"],
-                val_indices=split.get("val"), early_stopping=patience is not None, patience=patience or 0,
-                progress_bar=False, accelerator="cpu", callbacks=list(callbacks), **trainer_kwargs)
+    model.train(max_epochs=max_epochs, lr=lr, batch_size=minibatch_size(kind, preset), train_indices=split["train"],
+                val_indices=split.get("val"), patience=patience, progress_bar=False, accelerator="cpu",
+                callbacks=list(callbacks), **trainer_kwargs)
     history = model.history[kind]
     val = history["val_recon_loss"] if "val_recon_loss" in history else None
     return model, dict(epochs=len(history), best_epoch=None if val is None else int(val.idxmin()) + 1,
@@ -159,7 +158,7 @@ def scvi_fit(adata, split, *, max_epochs, callbacks=(), **trainer_kwargs):
     "scVI with the paper's settings and scvi-tools' default early stopping, on the fold's training cells."
     early = "val" in split
     model = peers.train_scvi(adata, batch_key=BATCH_KEY, train_indices=split["train"], max_epochs=max_epochs,
-                             batch_size=BATCH_SIZE, early_stopping=early, seed=SEED, accelerator="cpu",
+                             batch_size=SCVI_BATCH_SIZE, early_stopping=early, seed=SEED, accelerator="cpu",
                              callbacks=list(callbacks), **trainer_kwargs)
     elbo = model.history["elbo_validation"]["elbo_validation"] if early else None
     return model, dict(epochs=len(model.history["elbo_train"]), best_epoch=None if elbo is None else int(elbo.idxmin()) + 1,
@@ -168,7 +167,7 @@ def scvi_fit(adata, split, *, max_epochs, callbacks=(), **trainer_kwargs):
 
 def fit(kind, adata, split, args, **kwargs):
     "Train model `kind` ('fe', 're' or 'scvi') on `split`: (model, facts)."
-    if kind == "scvi": return scvi_fit(adata, split, max_epochs=args.max_epochs, **kwargs)
+    if kind == "scvi": return scvi_fit(adata, split, max_epochs=args.max_epochs or 500, **kwargs)
     return scmedal_fit(kind, adata, split, max_epochs=args.max_epochs, lr=args.lr, patience=args.patience,
                        fast_paths=args.fast_paths, preset=args.preset, **kwargs)
 
@@ -195,7 +194,7 @@ def measure(kind, path, name, args):
     adata = ad.read_h5ad(path / f"{name}.h5ad")
     split = dict(np.load(path / f"{name}_split.npz"))
     calls = count_step(kind, adata, split, args)
-    macs_per_cell = multiply_adds(calls) / BATCH_SIZE
+    macs_per_cell = multiply_adds(calls) / minibatch_size(kind, args.preset)
     ceiling_before = matmul_ceiling(calls)
     clock = EpochClock()
     start = time.perf_counter()
@@ -303,9 +302,9 @@ def run(kind, path, name, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all cores)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of FE and RE (the paper: 1e-4)")
-    parser.add_argument("--patience", type=int, default=10, help="FE/RE early stopping: epochs without a better validation loss")
-    parser.add_argument("--max-epochs", type=int, default=500, help="upper limit for every model (the paper: 500)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate of FE and RE (default: each network's; the paper: 1e-4)")
+    parser.add_argument("--patience", type=int, help="FE/RE early stopping: epochs without a better validation loss (default: the preset's)")
+    parser.add_argument("--max-epochs", type=int, help="upper limit of epochs (default: each scMEDAL network's; 500 for scVI, the paper's)")
     parser.add_argument("--models", nargs="+", choices=list(NAMES), default=list(NAMES))
     parser.add_argument("--sim-epochs", type=int, default=10, help="epochs of FE and RE on the simulated data")
     parser.add_argument("--preset", choices=["default", "paper"], default="default",
@@ -317,8 +316,9 @@ def main(argv=None):
     if args.quick: args.max_epochs = args.sim_epochs = 3
     quiet()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads; scMEDAL preset {args.preset!r}; FE/RE: lr {args.lr:g}, patience {args.patience}; "
-          f"at most {args.max_epochs} epochs; batch size {BATCH_SIZE}", flush=True)
+    print(f"torch {torch.__version__}, {args.threads} threads; scMEDAL preset {args.preset!r}; FE/RE: lr {args.lr or 'default'}, "
+          f"patience {args.patience or 'default'}, epochs {args.max_epochs or 'default'}, batch size {PRESETS[args.preset].batch_size}; "
+          f"scVI: batch size {SCVI_BATCH_SIZE}, at most {args.max_epochs or 500} epochs", flush=True)
     print(f"peak of one 2048 x 2048 matmul here: {peak_gflops():.0f} GFLOP/s", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -181,7 +181,7 @@ def run(
     adata: ad.AnnData,  # preprocessed, registered AnnData (see `prepare`)
     out,  # output folder
     *,
-    epochs: int = 30,  # epochs per network
+    epochs: int | None = None,  # epochs per network (default: each network's, with early stopping on the validation cells)
     n_hidden: tuple = (512, 132),  # hidden widths
     n_latent: int | None = None,  # latent width (default: each network's)
     batch_size: int | None = None,  # cells per minibatch (default: the model's)
@@ -199,7 +199,7 @@ def run(
         model = SCMEDAL(adata, models=("fe", "re"), n_hidden=n_hidden, n_latent=n_latent, seed=seed)
         model.train(max_epochs=epochs, batch_size=batch_size, lr=lr, train_indices=split["train"], val_indices=split["val"],
                     progress_bar=progress_bar)
-        print(f"trained FE and RE for {epochs} epochs in {time.time() - start:.0f} s")
+        print(f"trained ({_epochs_run(model)}) in {time.time() - start:.0f} s")
         for kind in ("fe", "re"): adata.obsm[f"X_scmedal_{kind}"] = model.get_latent_representation(kind=kind)
         adata.obs["scmedal_split"] = pd.Categorical.from_codes(_split_codes(split, adata.n_obs), ["train", "val", "test"])
         paths = dict(adata=folder / "adata.h5ad", counterfactuals=folder / "counterfactuals.h5ad", model=folder / "model",
@@ -211,8 +211,12 @@ def run(
         _scores(adata, split).to_csv(paths["metrics"], index=False)
         pd.concat(model.history, names=["model"]).to_csv(paths["history"])
         paths |= _figures(folder, adata, cf, model)
-        paths["report"] = _report(folder, paths, adata, model, epochs)
+        paths["report"] = _report(folder, paths, adata, model)
     return {name: out / path.relative_to(folder) for name, path in paths.items()}
+
+def _epochs_run(model) -> str:
+    "How long each network trained, e.g. 'FE 30 epochs, RE 25 epochs'."
+    return ", ".join(f"{kind.upper()} {len(history)} epochs" for kind, history in model.history.items())
 
 def _split_codes(split, n_obs):
     codes = np.empty(n_obs, dtype=int)
@@ -271,7 +275,7 @@ def _genomaps(cf, model, path):
                      title=f"mean of {group} cells" if group else "mean of all cells", save=path)
 
 # %% ../nbs/06_cli.ipynb #4801ed91
-def _report(out, paths, adata, model, epochs):
+def _report(out, paths, adata, model):
     "A short Markdown report linking every output."
     reg, scores = model.registry, pd.read_csv(paths["metrics"])
     clustering = scores[scores.table == "clustering"].pivot_table(index="embedding", columns=["label", "metric"], values="value")
@@ -280,7 +284,7 @@ def _report(out, paths, adata, model, epochs):
            else "not run: no labels or condition were given (--labels-key, --condition-key), so there is nothing to predict")
     given = "; ".join(f"{what} `{reg[f'{what}_key']}`" if reg[f"{what}_key"] else f"no {what} given" for what in ("labels", "condition"))
     lines = [f"# scMEDAL run", "", f"{adata.n_obs} cells x {adata.n_vars} genes; batch key `{reg['batch_key']}` "
-             f"({len(reg['batch_categories'])} batches); {given}; FE and RE trained for {epochs} epochs on fold 1 (60 % of cells).", "",
+             f"({len(reg['batch_categories'])} batches); {given}; trained on fold 1 (60 % of cells, early stopping on 20 %): {_epochs_run(model)}.", "",
              "## Clustering scores (test cells)", "", "FE should mix batches (low batch scores), RE separate them (high).", "",
              "```", clustering.round(3).to_string(), "```", "", "## Mixed-effects classifier (random forest, test cells)", "",
              "```", mec, "```", "", "## Files", ""]
@@ -327,7 +331,7 @@ def _parser():
     fit.add_argument("--condition-key", help="obs column with a sample-level target, e.g. disease")
     fit.add_argument("--normalized", choices=["auto", "yes", "no"], default="auto", help="is X already log-normalised? (default: auto, guessed)")
     fit.add_argument("--n-top-genes", type=_int_at_least(10), default=2916, help="highly variable genes (default: 2916)")
-    fit.add_argument("--epochs", type=_int_at_least(1), default=100, help="epochs per network (default: 100)")
+    fit.add_argument("--epochs", type=_int_at_least(1), help="epochs per network (default: each network's, with early stopping)")
     fit.add_argument("--out", default="scmedal_out", help="output folder (default: scmedal_out)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     cf = sub.add_parser("counterfactual", parents=[shared], help="write counterfactual expression with a saved model")

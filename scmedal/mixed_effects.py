@@ -10,7 +10,6 @@ __all__ = ['VariationalEncoder', 'one_hot_batches', 'BatchConditionalDecoder', '
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributions import NegativeBinomial
 
 from .fixed_effects import Classifier, LossOutput, TrainingPlan, adam, classification_terms, dense
 
@@ -68,8 +67,10 @@ def negative_binomial_nll(counts: Tensor, # (n, G) observed counts
                           inverse_dispersion: Tensor, # (G,) θ per gene: variance = mean + mean² / θ
                          ) -> Tensor: # (n,) negative log-likelihood per cell, summed over genes
     "−log NB(counts | mean, θ), summed over genes."
-    log_odds = (mean + 1e-8).log() - inverse_dispersion.log()
-    return -NegativeBinomial(inverse_dispersion, logits=log_odds, validate_args=False).log_prob(counts).sum(1)
+    theta, log_theta_plus_mean = inverse_dispersion, (inverse_dispersion + mean + 1e-8).log()
+    log_pmf = (theta * (theta.log() - log_theta_plus_mean) + counts * ((mean + 1e-8).log() - log_theta_plus_mean)
+               + torch.lgamma(counts + theta) - torch.lgamma(theta) - torch.lgamma(counts + 1))
+    return -log_pmf.sum(1)
 
 def log_normalized(proportions: Tensor, # (n, G) each gene's share of a cell's counts
                    totals: Tensor, # (n,) the cells' normalised totals over the genes (`data.normalized_totals`)
