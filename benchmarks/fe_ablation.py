@@ -3,7 +3,7 @@
 Each variant is the default mixed-effects FE (`SCMEDAL(adata, models=("fe",))`, trained with the library's
 defaults on fold 1 of the paper's rotation) with one or two settings changed: the likelihood (the counts'
 negative binomial, or the squared error on min-max scaled log expression when no counts are registered), the
-latent width, and the loss weights (the latent's KL weight, the adversary's weight `w_adv`). The fold's test cells
+latent and hidden widths, and the loss weights (the latent's KL weight, the adversary's weight `w_adv`). The fold's test cells
 are scored with scib-metrics' `Benchmarker` (`scmedal.metrics.scib_scores`, unscaled), next to PCA(50) fitted on
 the training cells, as in `benchmarks/quality.py`. Every variant is trained in this process one after the other,
 so the table compares like with like; on AML (11,731 cells, 2,916 genes, 2 cores) a variant takes 5 to 15 minutes.
@@ -33,6 +33,9 @@ VARIANTS = {  # name: (what it changes, settings)
     "nb_adv100": ("... w_adv 100", dict(loss_weights=dict(w_adv=100.0))),
     "nb_latent20": ("... latent 20", dict(n_latent=20)),
     "nb_latent30": ("... latent 30", dict(n_latent=30)),
+    "nb_adv3": ("... w_adv 3", dict(loss_weights=dict(w_adv=3.0))),
+    "nb_kl0.3": ("... KL weight 0.3", dict(loss_weights=dict(kl_weight=0.3))),
+    "nb_hidden256": ("... hidden widths 256, 128 (instead of 512, 132)", dict(n_hidden=(256, 128))),
     "gaussian": ("squared error on scaled log expression, latent 50, KL weight 0.03, w_adv 10", GAUSSIAN),
     "gaussian_adv0": ("... without the adversary (w_adv 0)", GAUSSIAN | dict(loss_weights=dict(kl_weight=0.03, w_adv=0.0))),
     "gaussian_latent10": ("... latent 10", GAUSSIAN | dict(n_latent=10)),
@@ -40,10 +43,10 @@ VARIANTS = {  # name: (what it changes, settings)
 }
 
 
-def fe_latent(adata, split, *, counts=True, n_latent=None, loss_weights=None, batch_key, labels_key):
+def fe_latent(adata, split, *, counts=True, n_latent=None, n_hidden=(512, 132), loss_weights=None, batch_key, labels_key):
     "The test cells' latent of one FE variant, trained on the fold with the library's defaults otherwise."
     data.setup_anndata(adata, batch_key=batch_key, labels_key=labels_key, counts_layer="auto" if counts else None)
-    model = SCMEDAL(adata, models=("fe",), n_latent=n_latent)
+    model = SCMEDAL(adata, models=("fe",), n_latent=n_latent, n_hidden=n_hidden)
     model.train(train_indices=split["train"], val_indices=split["val"], progress_bar=False,
                 loss_weights={"fe": loss_weights} if loss_weights else None)
     return model.get_latent_representation(kind="fe")[split["test"]], len(model.history["fe"])

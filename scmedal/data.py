@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['MIN_SPAN', 'check_int', 'check_positive', 'check_choice', 'simulate', 'simulated_log_expression', 'check_matrix',
-           'preprocess', 'normalized_totals', 'fit_scaling', 'apply_scaling', 'scale_stored_values', 'invert_scaling',
-           'obs_categories', 'encode', 'setup_anndata', 'get_registry', 'kfold_splits', 'batch_level_labels',
-           'heldout_batch_splits', 'as_indices', 'AnnDataRows', 'EpochShuffle', 'SCMEDALDataModule']
+           'preprocess', 'normalized_totals', 'count_totals', 'fit_scaling', 'apply_scaling', 'scale_stored_values',
+           'invert_scaling', 'obs_categories', 'encode', 'setup_anndata', 'get_registry', 'kfold_splits',
+           'batch_level_labels', 'heldout_batch_splits', 'as_indices', 'AnnDataRows', 'EpochShuffle',
+           'SCMEDALDataModule']
 
 # %% ../nbs/00_data.ipynb #63478c08
 import warnings
@@ -245,6 +246,13 @@ def normalized_totals(
 ) -> np.ndarray:  # (cells,) Σ_g expm1(x_g), float64
     "Each cell's total of normalised expression over the genes in `adata` (the inverse of log1p)."
     return np.concatenate([np.asarray(_expm1(block).sum(1), dtype=np.float64).ravel() for block in _row_blocks(_matrix(adata, layer))])
+
+def count_totals(
+    adata: ad.AnnData,  # cells × genes with raw counts in `layer`
+    layer: str | None = "counts",  # the layer of counts (None: X)
+) -> np.ndarray:  # (cells,) Σ_g c_g, float64
+    "Each cell's total count over the genes in `adata`: its library size $l$ over those genes."
+    return np.concatenate([np.asarray(block.sum(1), dtype=np.float64).ravel() for block in _row_blocks(_matrix(adata, layer))])
 
 def _expm1(block): return block.expm1() if sparse.issparse(block) else np.expm1(np.asarray(block, dtype=np.float64))
 

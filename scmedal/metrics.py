@@ -213,8 +213,8 @@ def scib_scores(
 # %% ../nbs/04_metrics.ipynb #59cc1261
 def _predicted_changes(model, adata, source, target):
     "Every prediction `model` makes of the mean change per gene when all cells move from batch `source` to `target`."
-    move = lambda mode: (model.get_counterfactual(adata, transform_batch=target, mode=mode)
-                         - model.get_counterfactual(adata, transform_batch=source, mode=mode)).mean(0)
+    move = lambda mode: (model.get_counterfactual(adata, transform_batch=target, mode=mode, measured=False)  # the truth is noise-free
+                         - model.get_counterfactual(adata, transform_batch=source, mode=mode, measured=False)).mean(0)
     batch = adata.obs[model.registry["batch_key"]].astype(str).to_numpy()
     contrast = lambda rec: rec[batch == target].mean(0) - rec[batch == source].mean(0)
     fe_moves = "fe" in model.modules and hasattr(model.modules["fe"], "counterfactual")  # the default preset's FE network

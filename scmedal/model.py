@@ -28,7 +28,7 @@ from fastcore.basics import patch
 from . import data
 from .fixed_effects import AdversarialTrainingPlan, FixedEffectsModule, TrainingPlan, quiet_trainer
 from .fast_paths import use_fast_paths
-from .mixed_effects import MixedEffectsAutoencoder, MixedEffectsTrainingPlan, log_normalized
+from .mixed_effects import MixedEffectsAutoencoder, MixedEffectsTrainingPlan, log_normalized, measured_log_normalized
 from .random_effects import RandomEffectsModule
 
 # %% ../nbs/03_mixed_model.ipynb #1e6a592e
@@ -376,13 +376,36 @@ def _map(self: SCMEDAL, adata, fn, batch_size):
     return torch.cat([fn(b) for b in self._rows(adata, batch_size)]).numpy()
 
 @patch
-def _expression(self: SCMEDAL, out: np.ndarray, adata: ad.AnnData, kind: str, scaled: bool) -> np.ndarray:
-    "A network's outputs for the cells of `adata` as log-normalised expression, or min-max scaled like the input."
-    if getattr(self._module(kind), "likelihood", "gaussian") == "gaussian":
+def _expression(self: SCMEDAL, out: np.ndarray, adata: ad.AnnData, kind: str, scaled: bool, measured: bool = False,
+                chunk: int = 4096) -> np.ndarray:
+    "A network's outputs for the cells of `adata` as log-normalised expression (its measured mean with `measured`), or min-max scaled."
+    module = self._module(kind)
+    if getattr(module, "likelihood", "gaussian") == "gaussian":
         return out if scaled else data.invert_scaling(out, self.scaling)
+    shares = torch.from_numpy(out)  # the shares ρ of the count likelihood
     totals = torch.from_numpy(data.normalized_totals(adata, self.registry["layer"]).astype(np.float32))
-    log = log_normalized(torch.from_numpy(out), totals).numpy()  # the shares ρ of the count likelihood, in log units
+    if not measured: log = log_normalized(shares, totals).numpy()
+    else:
+        library, theta = torch.from_numpy(data.count_totals(adata, self.registry["counts_layer"]).astype(np.float32)), module.log_inverse_dispersion.detach().exp()
+        log = np.concatenate([measured_log_normalized(shares[i:i + chunk], library[i:i + chunk], totals[i:i + chunk], theta).numpy()
+                              for i in range(0, len(shares), chunk)])  # in chunks: it needs a few cells × genes temporaries
     return data.apply_scaling(log, self.scaling, inplace=True) if scaled else log
+
+@patch
+def _measured(self: SCMEDAL, measured: bool | None, network: str, adata: ad.AnnData) -> bool:
+    "Whether a counterfactual is given on the measured scale: by default when the network models counts and adata has them."
+    if measured not in (None, True, False): raise ValueError(f"measured must be True, False or None (the default), got {measured!r}")
+    models_counts = getattr(self._module(network), "likelihood", "gaussian") == "nb"
+    layer = self.registry.get("counts_layer")
+    has_counts = models_counts and layer in adata.layers
+    if measured is None:
+        if models_counts and not has_counts:
+            warnings.warn(f"adata has no layers[{layer!r}] (the raw counts): the counterfactual is the log of the expected "
+                          f"expression, not the mean of measured log expression (measured=False)", stacklevel=3)
+        return has_counts
+    if measured and not models_counts: raise ValueError("measured=True needs a network with the count likelihood; this one models log expression directly")
+    if measured and not has_counts: raise ValueError(f"measured=True needs the cells' raw counts in layers[{layer!r}]")
+    return bool(measured)
 
 # %% ../nbs/03_mixed_model.ipynb #b13f064e
 @patch
@@ -445,6 +468,7 @@ def get_counterfactual(self: SCMEDAL,
                        transform_batch,  # the batch every cell is moved to (a training batch)
                        mode: str | None = None,  # 'fe': the mixed-effects FE network (default preset); 'full' (paper preset): batch swapped in RE encoder and decoder; 'decoder': RE decoder only
                        n_samples: int = 0,  # posterior draws of the random effects (>= 2, giving mean and sd); 0 = posterior means
+                       measured: bool | None = None,  # the mean log expression a measurement of the counts would show (None: when the network models counts)
                        scaled: bool = False,  # return min-max scaled output instead of log expression
                        batch_size: int = 4096):  # cells per inference minibatch
     "Every cell as if it came from `transform_batch`: cells × genes, or (mean, sd) with `n_samples`."
@@ -456,10 +480,11 @@ def get_counterfactual(self: SCMEDAL,
     if not hasattr(module, "counterfactual"): raise ValueError(f"mode {mode!r} needs the mixed-effects FE network of the default preset; this model's FE is the paper's")
     if n_samples and not hasattr(module, "named_random_effects"): raise ValueError(f"mode {mode!r} has no posterior to sample: use n_samples=0")
     if mode != "full": self._warn_unseen(adata)
+    measured = self._measured(measured, network, adata)
     options = dict(decoder_only=mode == "decoder") if network == "re" else {}
     cf = lambda b: module.counterfactual(b["x"], b["batch_index"], code, **options)
     if not n_samples:
-        return self._expression(self._map(adata, cf, batch_size), adata, network, scaled)
+        return self._expression(self._map(adata, cf, batch_size), adata, network, scaled, measured)
     with posterior_sampling(module), seeded(self.init_params["seed"]):  # the same draws every call
         draws = np.stack([self._expression(self._map(adata, cf, batch_size), adata, network, scaled) for _ in range(n_samples)])
     return draws.mean(0), draws.std(0, ddof=1)
@@ -490,6 +515,7 @@ def get_batch_effects(self: SCMEDAL,
                       groupby: str | None = None,  # obs column: one effect per group (e.g. cell type); None: one over all cells
                       reference: str | None = None,  # batch the effects are measured from; None: the average training batch
                       mode: str | None = None,  # counterfactual mode (default: the preset's, see `get_counterfactual`)
+                      measured: bool | None = None,  # effects on the measured mean log expression (see `get_counterfactual`)
                       batch_size: int = 4096,  # cells per inference minibatch
                      ) -> pd.DataFrame:  # tidy: batch, group, gene, effect, cell_sd, n_cells, rank (1 = largest |effect|)
     "Each batch's effect on each gene (per group): the mean change of the cells' counterfactuals from `reference` to that batch."
@@ -504,7 +530,7 @@ def get_batch_effects(self: SCMEDAL,
         warnings.filterwarnings("ignore", message="batches not seen in training")  # said once, above
         for start in range(0, adata.n_obs, chunk):
             cells = adata[start:start + chunk]
-            cf = {b: self.get_counterfactual(cells, transform_batch=b, mode=mode, batch_size=batch_size) for b in batches}
+            cf = {b: self.get_counterfactual(cells, transform_batch=b, mode=mode, measured=measured, batch_size=batch_size) for b in batches}
             base = cf[reference] if reference is not None else np.mean(list(cf.values()), 0)
             _effect_sums({b: cf[b] - base for b in batches if b != reference}, groups[start:start + chunk], sums)
     return _effect_table(sums, self.var_names)

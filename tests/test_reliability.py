@@ -314,7 +314,7 @@ def test_backed_checks(backed):
 @pytest.mark.parametrize("method,kwargs", [("get_latent_representation", dict(kind="fe")),
                                            ("get_latent_representation", dict(kind="re")),
                                            ("get_reconstruction", dict(kind="re")),
-                                           ("get_counterfactual", dict(transform_batch="donor1"))])
+                                           ("get_counterfactual", dict(transform_batch="donor1", measured=False))])  # no counts layer on disk
 def test_backed_inference_matches_memory(model, adata, backed, method, kwargs):
     before = snapshot(backed)
     np.testing.assert_allclose(getattr(model, method)(backed, **kwargs), getattr(model, method)(adata, **kwargs), rtol=1e-5, atol=1e-6)
@@ -335,7 +335,8 @@ def reordered(a): return a[:, a.var_names[::-1]].copy()
 
 
 def with_extra_genes(a):
-    extra = ad.AnnData(np.ones((a.n_obs, 3), np.float32), obs=a.obs[[]], var=pd.DataFrame(index=["x1", "x2", "x3"]))
+    extra = ad.AnnData(np.ones((a.n_obs, 3), np.float32), obs=a.obs[[]], var=pd.DataFrame(index=["x1", "x2", "x3"]),
+                       layers=dict(counts=np.ones((a.n_obs, 3), np.float32)))  # with counts, so the layer survives the concat
     out = ad.concat([extra, a], axis=1, merge="first")
     out.obs = a.obs.copy()
     return out
