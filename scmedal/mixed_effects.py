@@ -71,9 +71,12 @@ def negative_binomial_nll(counts: Tensor, # (n, G) observed counts
                          ) -> Tensor: # (n,) negative log-likelihood per cell, summed over genes
     "−log NB(counts | mean, θ), summed over genes."
     theta, log_theta_plus_mean = inverse_dispersion, (inverse_dispersion + mean + 1e-8).log()
-    log_pmf = (theta * (theta.log() - log_theta_plus_mean) + counts * ((mean + 1e-8).log() - log_theta_plus_mean)
-               + torch.lgamma(counts + theta) - torch.lgamma(theta) - torch.lgamma(counts + 1))
-    return -log_pmf.sum(1)
+    every_gene = (theta * (theta.log() - log_theta_plus_mean)).sum(1)
+    cell, gene = counts.nonzero(as_tuple=True)  # the other terms are 0 where c = 0
+    c, theta_g = counts[cell, gene], theta[gene]
+    counted = (c * ((mean[cell, gene] + 1e-8).log() - log_theta_plus_mean[cell, gene])
+               + torch.lgamma(c + theta_g) - torch.lgamma(theta_g) - torch.lgamma(c + 1))
+    return -every_gene.index_add(0, cell, counted)
 
 def log_normalized(proportions: Tensor, # (n, G) each gene's share of a cell's counts
                    totals: Tensor, # (n,) the cells' normalised totals over the genes (`data.normalized_totals`)
