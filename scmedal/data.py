@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['MIN_SPAN', 'check_int', 'check_positive', 'check_choice', 'simulate', 'simulated_log_expression', 'check_matrix',
-           'preprocess', 'normalized_totals', 'count_totals', 'fit_scaling', 'apply_scaling', 'scale_stored_values',
-           'invert_scaling', 'obs_categories', 'encode', 'setup_anndata', 'get_registry', 'kfold_splits',
-           'batch_level_labels', 'heldout_batch_splits', 'as_indices', 'AnnDataRows', 'EpochShuffle',
+           'preprocess', 'normalized_totals', 'count_totals', 'technical_batches', 'fit_scaling', 'apply_scaling',
+           'scale_stored_values', 'invert_scaling', 'obs_categories', 'encode', 'setup_anndata', 'get_registry',
+           'kfold_splits', 'batch_level_labels', 'heldout_batch_splits', 'as_indices', 'AnnDataRows', 'EpochShuffle',
            'SCMEDALDataModule']
 
 # %% ../nbs/00_data.ipynb #63478c08
@@ -255,6 +255,41 @@ def count_totals(
     return np.concatenate([np.asarray(block.sum(1), dtype=np.float64).ravel() for block in _row_blocks(_matrix(adata, layer))])
 
 def _expm1(block): return block.expm1() if sparse.issparse(block) else np.expm1(np.asarray(block, dtype=np.float64))
+
+# %% ../nbs/00_data.ipynb #cb524d34
+def technical_batches(
+    adata: ad.AnnData,  # cells of one run, raw counts in X (or `layer`)
+    *,
+    labels_key: str,  # obs column with the cell types
+    n_batches: int = 3,  # technical batches to make
+    concentration: float = 1.0,  # Dirichlet concentration of each cell type's spread over the batches
+    gene_sd: float = 0.5,  # sd of the log capture efficiency per batch and gene
+    depths=None,  # each batch's overall capture (default: evenly from 1 down to 0.5)
+    seed: int = 0,  # seed of the deal and the thinning
+    layer: str | None = None,  # read the counts from this layer instead of X
+) -> ad.AnnData:  # thinned counts in X (CSR), obs `labels_key` and `tech_batch`, varm `tech_capture` (genes × batches)
+    "A copy of the cells dealt into technical batches with their own cell-type mixes, each batch's counts thinned gene by gene."
+    n_batches = check_int(n_batches, "n_batches", minimum=2)
+    depths = np.linspace(1.0, 0.5, n_batches) if depths is None else np.asarray(depths, dtype=float)
+    if depths.shape != (n_batches,) or not ((depths > 0) & (depths <= 1)).all():
+        raise ValueError(f"depths must give one capture in (0, 1] per batch ({n_batches}), got {depths.tolist()}")
+    check_positive(concentration, "concentration")
+    counts = sparse.csr_matrix(_matrix(adata, layer), dtype=np.float32, copy=True)
+    check_matrix(counts, name="X" if layer is None else f"layers['{layer}']", counts=True)
+    rng = np.random.default_rng(seed)
+    types = adata.obs[labels_key].astype(str).to_numpy()
+    spread = {t: rng.dirichlet(np.full(n_batches, concentration)) for t in np.unique(types)}
+    batch = np.array([rng.choice(n_batches, p=spread[t]) for t in types])
+    efficiency = np.exp(rng.normal(0, gene_sd, size=(n_batches, adata.n_vars)))
+    capture = depths[:, None] * efficiency / efficiency.max(0)  # each gene's best-capturing batch keeps it at its depth
+    rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+    counts.data = rng.binomial(counts.data.astype(np.int64), capture[batch[rows], counts.indices]).astype(np.float32)
+    counts.eliminate_zeros()
+    names = [f"tech{b}" for b in range(n_batches)]
+    obs = adata.obs[[labels_key]].copy()
+    obs["tech_batch"] = pd.Categorical([names[b] for b in batch], categories=names)
+    return ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=adata.var_names.copy()), varm={"tech_capture": capture.T})
+
 
 # %% ../nbs/00_data.ipynb #3dfd775e
 def fit_scaling(

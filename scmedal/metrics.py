@@ -25,7 +25,7 @@ from .data import as_indices, check_int, obs_categories, simulated_log_expressio
 # %% auto #0
 __all__ = ['CLUSTERING_METRICS', 'representation', 'subsample_indices', 'clustering_scores', 'paper_table', 'mean_ci',
            'format_ci', 'aggregate_folds', 'mec_score', 'scib_scores', 'counterfactual_recovery',
-           'counterfactual_agreement', 'batch_distances']
+           'counterfactual_agreement', 'agreement_summary', 'batch_distances']
 
 # %% ../nbs/04_metrics.ipynb #1992c9a6
 def representation(
@@ -221,7 +221,7 @@ def _predicted_changes(model, adata, source, target):
     needs = {"fe": "fe" if fe_moves else None, "full": "re", "decoder": "re"}  # mode -> the network it runs
     changes = {f"counterfactual ({mode})": move(mode) for mode, kind in needs.items() if kind in model.modules}
     if "fe" in model.modules and not fe_moves: changes["FE counterfactual"] = np.zeros(adata.n_vars)  # the paper's FE: nothing moves
-    return changes | {f"{kind.upper()} contrast": contrast(model.get_reconstruction(adata, kind=kind))
+    return changes | {f"{kind.upper()} contrast": contrast(model.get_reconstruction(adata, kind=kind, measured=False))
                       for kind in ("re", "fe") if kind in model.modules}
 
 def counterfactual_recovery(
@@ -294,6 +294,17 @@ def counterfactual_agreement(
                                  **dict(zip(("pooled_r", "pooled_R2"), _fit(pooled, observed))),
                                  ceiling_r=_ceiling(_fit(half_effect(True), half_effect(False))[0])))
     return pd.DataFrame(rows)
+
+# %% ../nbs/04_metrics.ipynb #cb0f7d35
+def agreement_summary(
+    cases: dict,  # method name → its `counterfactual_agreement` table, all scored on the same cells
+) -> pd.DataFrame:  # one row per method, then the pooled shift: cases, median_r, median_R2, share_R2_above_0
+    "Each method's median r and R² over its cases and its share of cases with R² > 0, next to the pooled shift's."
+    first = next(iter(cases.values()))
+    methods = {**cases, "pooled shift (no model)": first.assign(r=first.pooled_r, R2=first.pooled_R2)}
+    return pd.DataFrame([dict(method=name, cases=len(t), median_r=t.r.median(), median_R2=t.R2.median(), share_R2_above_0=(t.R2 > 0).mean())
+                         for name, t in methods.items()]).set_index("method")
+
 
 # %% ../nbs/04_metrics.ipynb #4f262305
 def batch_distances(

@@ -386,21 +386,22 @@ def _expression(self: SCMEDAL, out: np.ndarray, adata: ad.AnnData, kind: str, sc
     totals = torch.from_numpy(data.normalized_totals(adata, self.registry["layer"]).astype(np.float32))
     if not measured: log = log_normalized(shares, totals).numpy()
     else:
-        library, theta = torch.from_numpy(data.count_totals(adata, self.registry["counts_layer"]).astype(np.float32)), module.log_inverse_dispersion.detach().exp()
+        library = torch.from_numpy(data.count_totals(adata, self.registry["counts_layer"]).astype(np.float32))
+        theta = module.log_inverse_dispersion.detach().exp()
         log = np.concatenate([measured_log_normalized(shares[i:i + chunk], library[i:i + chunk], totals[i:i + chunk], theta).numpy()
                               for i in range(0, len(shares), chunk)])  # in chunks: it needs a few cells × genes temporaries
     return data.apply_scaling(log, self.scaling, inplace=True) if scaled else log
 
 @patch
 def _measured(self: SCMEDAL, measured: bool | None, network: str, adata: ad.AnnData) -> bool:
-    "Whether a counterfactual is given on the measured scale: by default when the network models counts and adata has them."
+    "Whether an output is given on the measured scale: by default when the network models counts and adata has them."
     if measured not in (None, True, False): raise ValueError(f"measured must be True, False or None (the default), got {measured!r}")
     models_counts = getattr(self._module(network), "likelihood", "gaussian") == "nb"
     layer = self.registry.get("counts_layer")
     has_counts = models_counts and layer in adata.layers
     if measured is None:
         if models_counts and not has_counts:
-            warnings.warn(f"adata has no layers[{layer!r}] (the raw counts): the counterfactual is the log of the expected "
+            warnings.warn(f"adata has no layers[{layer!r}] (the raw counts): the output is the log of the expected "
                           f"expression, not the mean of measured log expression (measured=False)", stacklevel=3)
         return has_counts
     if measured and not models_counts: raise ValueError("measured=True needs a network with the count likelihood; this one models log expression directly")
@@ -425,13 +426,15 @@ def get_reconstruction(self: SCMEDAL,
                        adata: ad.AnnData | None = None,  # default: the training AnnData
                        *,
                        kind: str = "fe",  # which network
+                       measured: bool | None = None,  # the mean log expression a measurement of the counts would show (see `get_counterfactual`)
                        scaled: bool = False,  # return the network's min-max scaled output instead of log expression
                        batch_size: int = 4096):  # cells per inference minibatch
     "The reconstruction of every cell (cells × genes), in log-normalised expression by default."
     adata, module = self._aligned(adata), self._module(kind)
     if self.preset.kinds[kind].reads_batch: self._warn_unseen(adata)
+    measured = self._measured(measured, kind, adata)
     out = self._map(adata, lambda b: module(b["x"], b["batch_index"])["x_hat"], batch_size)
-    return self._expression(out, adata, kind, scaled)
+    return self._expression(out, adata, kind, scaled, measured)
 
 
 @patch
