@@ -9,7 +9,7 @@ the training cells, as in `benchmarks/quality.py`. Every variant is trained in t
 so the table compares like with like; on AML (11,731 cells, 2,916 genes, 2 cores) a variant takes 5 to 15 minutes.
 
     python benchmarks/fe_ablation.py data.h5ad --batch-key patient --labels-key cell_type
-        [--variants default gaussian ...] [--threads N] [--out ablation.csv]
+        [--variants default gaussian ...] [--seeds 0 1 2] [--threads N] [--out ablation.csv]
 
 The data are preprocessed as by `scmedal fit` (raw counts are kept in `layers["counts"]`).
 """
@@ -43,10 +43,10 @@ VARIANTS = {  # name: (what it changes, settings)
 }
 
 
-def fe_latent(adata, split, *, counts=True, n_latent=None, n_hidden=(512, 132), loss_weights=None, batch_key, labels_key):
+def fe_latent(adata, split, *, counts=True, n_latent=None, n_hidden=(512, 132), loss_weights=None, seed=0, batch_key, labels_key):
     "The test cells' latent of one FE variant, trained on the fold with the library's defaults otherwise."
     data.setup_anndata(adata, batch_key=batch_key, labels_key=labels_key, counts_layer="auto" if counts else None)
-    model = SCMEDAL(adata, models=("fe",), n_latent=n_latent, n_hidden=n_hidden)
+    model = SCMEDAL(adata, models=("fe",), n_latent=n_latent, n_hidden=n_hidden, seed=seed)
     model.train(train_indices=split["train"], val_indices=split["val"], progress_bar=False,
                 loss_weights={"fe": loss_weights} if loss_weights else None)
     return model.get_latent_representation(kind="fe")[split["test"]], len(model.history["fe"])
@@ -58,6 +58,7 @@ def main(argv=None):
     parser.add_argument("--batch-key", required=True)
     parser.add_argument("--labels-key", required=True)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train every variant with each of these seeds")
     parser.add_argument("--threads", type=int, default=2, help="torch threads and scib-metrics' neighbour-search jobs")
     parser.add_argument("--out", help="write the table as CSV here")
     args = parser.parse_args(argv)
@@ -70,12 +71,14 @@ def main(argv=None):
     test = adata[split["test"]].copy()
     latents = {"PCA": peers.pca_latent(adata, train_indices=split["train"])[split["test"]]}
     rows = {"PCA": dict(change="no correction", epochs=None, minutes=None)}
-    for name in args.variants:
-        change, settings = VARIANTS[name]
-        start = time.perf_counter()
-        latents[name], epochs = fe_latent(adata, split, **settings, **keys)
-        rows[name] = dict(change=change, epochs=epochs, minutes=round((time.perf_counter() - start) / 60, 1))
-        print(f"{name}: {epochs} epochs in {rows[name]['minutes']} min", flush=True)
+    for variant in args.variants:
+        for seed in args.seeds:
+            change, settings = VARIANTS[variant]
+            name = variant if args.seeds == [0] else f"{variant} (seed {seed})"
+            start = time.perf_counter()
+            latents[name], epochs = fe_latent(adata, split, **settings, seed=seed, **keys)
+            rows[name] = dict(change=change, epochs=epochs, minutes=round((time.perf_counter() - start) / 60, 1))
+            print(f"{name}: {epochs} epochs in {rows[name]['minutes']} min", flush=True)
     scores = metrics.scib_scores(test, latents, **keys, n_jobs=args.threads)
     table = pd.DataFrame(rows).T.join(scores)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 80):
