@@ -256,7 +256,7 @@ def count_totals(
 
 def _expm1(block): return block.expm1() if sparse.issparse(block) else np.expm1(np.asarray(block, dtype=np.float64))
 
-# %% ../nbs/00_data.ipynb #cb524d34
+# %% ../nbs/00_data.ipynb #9d81a3d5
 def technical_batches(
     adata: ad.AnnData,  # cells of one run, raw counts in X (or `layer`)
     *,

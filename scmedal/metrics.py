@@ -295,7 +295,7 @@ def counterfactual_agreement(
                                  ceiling_r=_ceiling(_fit(half_effect(True), half_effect(False))[0])))
     return pd.DataFrame(rows)
 
-# %% ../nbs/04_metrics.ipynb #cb0f7d35
+# %% ../nbs/04_metrics.ipynb #3750a55f
 def agreement_summary(
     cases: dict,  # method name → its `counterfactual_agreement` table, all scored on the same cells
 ) -> pd.DataFrame:  # one row per method, then the pooled shift: cases, median_r, median_R2, share_R2_above_0

@@ -73,10 +73,11 @@ def negative_binomial_nll(counts: Tensor, # (n, G) observed counts
     theta, log_theta_plus_mean = inverse_dispersion, (inverse_dispersion + mean + 1e-8).log()
     every_gene = (theta * (theta.log() - log_theta_plus_mean)).sum(1)
     cell, gene = counts.nonzero(as_tuple=True)  # the other terms are 0 where c = 0
-    c, theta_g = counts[cell, gene], theta[gene]
+    c, theta_g = counts[cell, gene], theta.expand_as(counts)[cell, gene]
     counted = (c * ((mean[cell, gene] + 1e-8).log() - log_theta_plus_mean[cell, gene])
                + torch.lgamma(c + theta_g) - torch.lgamma(theta_g) - torch.lgamma(c + 1))
-    return -every_gene.index_add(0, cell, counted)
+    # back into a cells × genes array: each (cell, gene) once, so the gradients add up in a fixed order on any thread count
+    return -(every_gene + torch.zeros_like(counts).index_put((cell, gene), counted).sum(1))
 
 def log_normalized(proportions: Tensor, # (n, G) each gene's share of a cell's counts
                    totals: Tensor, # (n,) the cells' normalised totals over the genes (`data.normalized_totals`)

@@ -76,3 +76,15 @@ def test_paper_preset_keeps_the_papers_training(adata):
     model.train(max_epochs=2, progress_bar=False)
     assert {"adv_acc", "recon_loss", "adv_loss"} <= set(model.history["fe"].columns)
     with pytest.raises(ValueError, match="FE is the paper's"): model.get_counterfactual(transform_batch="donor1", mode="fe")
+
+
+def test_same_seed_same_model_on_two_threads():
+    "The count likelihood's gradients add up in a fixed order, so two threads still give the same model twice."
+    adata = data.preprocess(data.simulate(n_cells=2000, n_genes=600, n_batches=6, seed=0), n_top_genes=400)  # smaller data hid it
+    data.setup_anndata(adata, batch_key="batch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        z = lambda: SCMEDAL(adata, models=("fe",), n_hidden=(128, 64), seed=0).train(max_epochs=2, batch_size=256, progress_bar=False).get_latent_representation()
+        np.testing.assert_array_equal(z(), z())
+    finally: torch.set_num_threads(threads)
